@@ -1,0 +1,38 @@
+# Set-up and the everyday commands. Everything lives in the virtualenv .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: install data run test test-fast lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data:
+	bash scripts/ensure_data.sh
+
+run: install data  ## the main job on the built-in default config
+	$(PY) -m orchestrator.run $(ARGS)
+
+test: install data  ## lint + the whole test suite (what CI runs)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install data
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install data
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

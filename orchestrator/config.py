@@ -1,0 +1,127 @@
+"""Typed, validated configuration: YAML + dot-list overrides, checked once before Ray starts.
+
+One pydantic model per concern, unknown keys forbidden, so a typo fails at launch with the key's
+full dotted path and not hours into a sweep. Workers receive the config as a plain dict
+(`Config.model_dump()`) and rebuild it with `Config.model_validate` on their first line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from trainers.config import TrainConfig, _Section
+
+DEFAULT_CONFIG = "default.yaml"  # packaged in orchestrator/
+
+
+class ConfigError(ValueError):
+    """Bad user configuration; the message names every bad key and what is allowed."""
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None/'local': embedded; 'auto' or ray://...")
+    health_check_interval_s: float = Field(0.2, gt=0)
+
+
+class Config(TrainConfig):
+    name: str = Field("fmnist_vit", pattern=r"^[A-Za-z0-9_.\-]+$")
+    output_dir: str = "./runs"
+    cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+    @property
+    def cache_path(self) -> Path:
+        base = self.cache_dir or str(Path(self.output_dir) / "cache")
+        return Path(base).expanduser().resolve()
+
+    def pretrain_key(self) -> str:
+        """Hash of everything that determines the dense model: model, data, recipe, seed.
+
+        The worker count is left out on purpose: the global batch defines the recipe, and a
+        sweep with other per-trial resources must still hit the cache.
+        """
+        data = self.data.model_dump(exclude={"loader_workers", "eval_batch_size"})
+        blob = dict(model=self.model.model_dump(), data=data,
+                    recipe=self.pretrain.model_dump(exclude={"cache"}), seed=self.seed)
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`["a.b=1", "c=x"]` -> `[("a.b", 1), ("c", "x")]`; values are parsed as YAML scalars."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"override {item!r} is not of the form key.sub=value (e.g. pretrain.epochs=2)"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        out.append((key, value))
+    return out
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/ and README.md)"
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "model_type") or isinstance(
+            got, dict) else f" (got {got!r})"
+        lines.append(f"  {where}: {msg}{shown}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def validate(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (the packaged default when `path` is None) and apply overrides."""
+    if path is None:
+        text = resources.files("orchestrator").joinpath(DEFAULT_CONFIG).read_text()
+        source = f"<built-in {DEFAULT_CONFIG}>"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        text, source = p.read_text(), str(p)
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections, got {type(tree).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return validate(tree)

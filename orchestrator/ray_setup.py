@@ -1,0 +1,49 @@
+"""Start Ray embedded on this machine, or connect to a running cluster.
+
+`--address`/`ray.address`/`RAY_ADDRESS` select a cluster ('auto' on the head node, or
+'ray://host:10001'); without any, Ray starts inside this process (the embedded default).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+# Environment every Ray worker of ours gets: no hub look-ups (offline machines), quiet auth.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def resolve_address(address: str | None) -> str | None:
+    """None or 'local' means embedded; otherwise the cluster address (RAY_ADDRESS as fallback)."""
+    if address in (None, ""):
+        address = os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "local") else address
+
+
+def start_ray(address: str | None = None, health_check_interval_s: float = 0.2,
+              num_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
+    """Start or join Ray once per process; returns the cluster's total resources."""
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    addr = resolve_address(address)
+    # Read by the Train controller, which inherits the environment of the Ray processes.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(health_check_interval_s))
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if addr is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TIMM_FUSED_ATTN"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    kwargs: dict[str, Any] = dict(runtime_env={"env_vars": env},
+                                  log_to_driver=True, configure_logging=True)
+    if quiet:
+        kwargs["logging_level"] = "WARNING"
+    if addr is None:
+        kwargs.update(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    else:
+        kwargs["address"] = addr
+    ray.init(**kwargs)
+    return ray.cluster_resources()

@@ -1,0 +1,178 @@
+"""Analytic MACs and params of a ViT with per-block widths: the one cost counter every method uses.
+
+MACs are multiply-accumulates (what ViT papers call "FLOPs"); we count exactly what
+`torch.utils.flop_counter.FlopCounterMode` counts (matmuls and convolutions, /2), so the two agree
+on real modules. Norms, softmax, GELU and residual adds are not counted, as in the literature.
+
+The per-block formulas are plain arithmetic, so they also accept tensors: OFB's MACs loss feeds
+them *expected* widths (differentiable sums of survival probabilities) through the same code.
+
+Command line::
+
+    python -m search_space.cost deit_small_patch16_224
+    python -m search_space.cost vit_tiny_patch16_224 --img-size 32 --patch-size 4 --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from search_space.arch import BlockArch, ViTArch
+
+Number = Any  # float, int or a 0-d tensor (expected widths)
+
+
+def attn_macs(tokens: int, embed_dim: Number, heads: Number, head_dim: Number) -> Number:
+    """qkv projection + q @ k^T + attn @ v + output projection, for one image."""
+    inner = heads * head_dim
+    qkv = tokens * embed_dim * 3 * inner  # (T, D) @ (D, 3*H*d)
+    scores = tokens * tokens * inner  # H x (T, d) @ (d, T)
+    mix = tokens * tokens * inner  # H x (T, T) @ (T, d)
+    proj = tokens * inner * embed_dim  # (T, H*d) @ (H*d, D)
+    return qkv + scores + mix + proj
+
+
+def mlp_macs(tokens: int, embed_dim: Number, hidden: Number) -> Number:
+    """fc1 + fc2, for one image."""
+    return 2 * tokens * embed_dim * hidden
+
+
+def block_macs(tokens: int, embed_dim: Number, blk: BlockArch) -> Number:
+    return attn_macs(tokens, embed_dim, blk.num_heads, blk.head_dim) + mlp_macs(
+        tokens, embed_dim, blk.mlp_hidden
+    )
+
+
+def stem_head_macs(arch: ViTArch, embed_dim: Number | None = None) -> Number:
+    """Patch-embedding convolution and classifier head (one pooled token)."""
+    d = arch.embed_dim if embed_dim is None else embed_dim
+    patch = arch.num_patches * d * arch.in_chans * arch.patch_size**2
+    head = d * arch.num_classes
+    return patch + head
+
+
+def count_macs(arch: ViTArch) -> int:
+    """MACs of one forward pass of one image."""
+    t = arch.num_tokens
+    total = stem_head_macs(arch)
+    for blk in arch.blocks:
+        total += block_macs(t, arch.embed_dim, blk)
+    return int(total)
+
+
+def count_params(arch: ViTArch) -> int:
+    """Number of parameters, matching `sum(p.numel() for p in model.parameters())` for timm."""
+    d = arch.embed_dim
+    n = d * arch.in_chans * arch.patch_size**2 + d  # patch conv + bias
+    n += d * arch.num_prefix_tokens  # cls + register tokens
+    pos_tokens = arch.num_patches if arch.no_embed_class else arch.num_tokens
+    n += pos_tokens * d
+    if arch.pre_norm:
+        n += 2 * d
+    for blk in arch.blocks:
+        inner = blk.attn_dim
+        n += 2 * d  # norm1
+        n += d * 3 * inner + (3 * inner if arch.qkv_bias else 0)
+        n += inner * d + d  # proj
+        n += 2 * d  # norm2
+        n += d * blk.mlp_hidden + blk.mlp_hidden + blk.mlp_hidden * d + d
+        if arch.layer_scale:
+            n += 2 * d
+    n += 2 * d  # final norm (or fc_norm: timm keeps exactly one of them)
+    if arch.num_classes > 0:
+        n += d * arch.num_classes + arch.num_classes
+    return int(n)
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: int
+    params: int
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+    @property
+    def mparams(self) -> float:
+        return self.params / 1e6
+
+
+def cost_of(arch: ViTArch) -> Cost:
+    return Cost(count_macs(arch), count_params(arch))
+
+
+def measure_macs(model: nn.Module, arch: ViTArch, batch: int = 1) -> int:
+    """MACs of one image measured by PyTorch's FlopCounterMode.
+
+    Fused attention (SDPA) counts as 0 on the CPU, so attention modules are switched to their
+    explicit matmul path for the measurement and restored afterwards.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    for m, _ in fused:
+        m.fused_attn = False
+    p = next(model.parameters())
+    x = torch.zeros(batch, arch.in_chans, arch.img_size, arch.img_size, device=p.device)
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    try:
+        with torch.no_grad(), counter:
+            model.eval()(x)
+    finally:
+        model.train(was_training)
+        for m, f in fused:
+            m.fused_attn = f
+    return counter.get_total_flops() // 2 // batch
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m search_space.cost",
+        description="Print the MACs (G) and params (M) of a timm ViT, analytically.",
+    )
+    p.add_argument("model", help="timm model name, e.g. deit_small_patch16_224")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--in-chans", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--embed-dim", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument(
+        "--check", action="store_true", help="also measure with FlopCounterMode (runs a forward)"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from search_space.models import build_vit
+
+    overrides = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("model", "check") and v is not None
+    }
+    model = build_vit(args.model, device="cpu" if args.check else "meta", **overrides)
+    arch = ViTArch.from_timm(model)
+    c = cost_of(arch)
+    print(f"{args.model}: {c.gmacs:.4f} GMACs  {c.mparams:.3f} M params  "
+          f"({arch.num_tokens} tokens, embed {arch.embed_dim}, depth {arch.depth})")
+    if args.check:
+        measured = measure_macs(model, arch)
+        print(f"FlopCounterMode: {measured / 1e9:.4f} GMACs "
+              f"(analytic/measured = {c.macs / measured:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

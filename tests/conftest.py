@@ -1,0 +1,50 @@
+"""Shared fixtures: one local Ray cluster per pytest session, tiny configs, real data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+FMNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray (2 CPUs) started once for the whole session."""
+    import ray
+
+    from orchestrator.ray_setup import start_ray
+
+    resources = start_ray(address="local", num_cpus=2)
+    yield resources
+    ray.shutdown()
+
+
+@pytest.fixture
+def fmnist_dir() -> Path:
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"Fashion-MNIST missing in {FMNIST}: run `make data` (scripts/ensure_data.sh)")
+    return FMNIST
+
+
+def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
+    """Dot-list overrides for a tiny, fast Fashion-MNIST run under tmp_path."""
+    base = {
+        "output_dir": str(tmp_path / "runs"),
+        "data.max_train_samples": 640,
+        "data.max_eval_samples": 200,
+        "data.batch_size": 64,
+        "model.embed_dim": 32,
+        "model.depth": 2,
+        "model.num_heads": 2,
+        "model.patch_size": 7,
+        "pretrain.epochs": 2,
+        "pretrain.warmup_epochs": 0.2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,62 @@
+"""Checkpoint folders without pickled modules: safetensors weights + JSON state.
+
+Layout of one checkpoint folder::
+
+    model.safetensors   the (unwrapped) model's state dict
+    optimizer.pt        optimizer + scheduler state dicts, loadable with weights_only=True
+    state.json          epoch, global step, elapsed seconds, history, anything JSON-able
+    arch.json           the architecture, when the caller gives one
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MODEL_FILE, OPTIM_FILE, STATE_FILE, ARCH_FILE = (
+    "model.safetensors", "optimizer.pt", "state.json", "arch.json")
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, str(path))
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
+    model.load_state_dict(load_file(str(path)), strict=strict)
+
+
+def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None, arch: dict[str, Any] | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(model, folder / MODEL_FILE)
+    if optimizer is not None:
+        blob = {"optimizer": optimizer.state_dict()}
+        if scheduler is not None:
+            blob["scheduler"] = scheduler.state_dict()
+        torch.save(blob, folder / OPTIM_FILE)
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+    if arch is not None:
+        (folder / ARCH_FILE).write_text(json.dumps(arch, indent=2, sort_keys=True))
+    return folder
+
+
+def load_checkpoint(folder: str | Path, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None) -> dict[str, Any]:
+    """Restore model (and optimizer/scheduler when given); returns the JSON state."""
+    folder = Path(folder)
+    load_weights(model, folder / MODEL_FILE)
+    if optimizer is not None and (folder / OPTIM_FILE).exists():
+        blob = torch.load(folder / OPTIM_FILE, weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(blob["optimizer"])
+        if scheduler is not None and "scheduler" in blob:
+            scheduler.load_state_dict(blob["scheduler"])
+    return json.loads((folder / STATE_FILE).read_text())

@@ -1,0 +1,106 @@
+"""Typed sections of the configuration that Ray Train workers need (data, model, recipes).
+
+They live here, not in orchestrator/, because workers rebuild the typed config from the dict
+they receive (`TrainConfig.model_validate`) and trainers/ must not import orchestrator/. The
+orchestrator's `Config` extends `TrainConfig` with what only the driver needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["fashion_mnist", "imagefolder", "cifar10", "cifar100", "synthetic"] = (
+        "fashion_mnist"
+    )
+    root: str | None = Field(
+        None, description="folder of the data; default per dataset (Fashion-MNIST: Debian's)"
+    )
+    download: bool = Field(False, description="CIFAR only: let torchvision download it")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    batch_size: int = Field(128, ge=1, description="global batch, split over Ray workers")
+    eval_batch_size: int = Field(256, ge=1)
+    loader_workers: int = Field(0, ge=0)
+    augment: bool = True
+    synthetic_size: int = Field(512, ge=8, description="images in the synthetic data set")
+
+
+class ModelConfig(_Section):
+    name: str = "vit_tiny_patch16_224"
+    pretrained_file: str | None = None
+    img_size: int | None = Field(None, ge=8, description="default: the data set's image size")
+    patch_size: int | None = Field(None, ge=1)
+    in_chans: int | None = Field(None, ge=1, description="default: the data set's channels")
+    num_classes: int | None = Field(None, ge=1, description="default: the data set's classes")
+    embed_dim: int | None = Field(None, ge=8)
+    depth: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    mlp_ratio: float | None = Field(None, gt=0)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.embed_dim and self.num_heads and self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"model.embed_dim={self.embed_dim} is not divisible by "
+                f"model.num_heads={self.num_heads}"
+            )
+        if self.img_size and self.patch_size and self.img_size % self.patch_size:
+            raise ValueError(
+                f"model.img_size={self.img_size} is not divisible by "
+                f"model.patch_size={self.patch_size}"
+            )
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        """Keywords for `search_space.build_vit` (None = timm's default)."""
+        keys = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
+                "num_heads", "mlp_ratio", "drop_path_rate")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class PretrainConfig(_Section):
+    """Recipe of the dense training run every search starts from."""
+
+    epochs: float = Field(
+        3, ge=0, description="fractions allowed; 0 = take the weights as they are (evaluate only)")
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_epochs: float = Field(0.3, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    cache: bool = Field(True, description="reuse a finished dense model with the same hash")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0, description="used only when use_gpu is true")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, fp32 on the CPU"
+    )
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts (-1: unlimited)")
+
+
+class TrainConfig(_Section):
+    """Everything a worker needs; sent to workers as `model_dump()`."""
+
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    def worker_dict(self) -> dict[str, Any]:
+        return self.model_dump(include=set(TrainConfig.model_fields))

@@ -1,0 +1,244 @@
+"""Data sets: Fashion-MNIST (IDX files), ImageNet-style folders, CIFAR, and synthetic tensors.
+
+Every data set returns the same three splits (train, val, test) plus its shape facts, so model
+building can default `in_chans`, `num_classes` and `img_size` from the data. The validation split
+is carved from the training set by a seeded permutation: every worker and every trial of a sweep
+sees the same split. Distributed sharding is left to Ray Train's `prepare_data_loader`, which
+swaps in a DistributedSampler.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    in_chans: int
+    num_classes: int
+    img_size: int
+
+
+class DataError(ValueError):
+    """The data folder is missing, incomplete or not in the expected format."""
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file: magic (0, 0, dtype 0x08, ndim), big-endian dims, uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read as a (gzipped) IDX file: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims} but holds {body.size} bytes (truncated?)")
+    return body.reshape(dims)
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 images (N, H, W[, C]) + labels; `transform` maps a float (C, H, W) in [0, 1]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        imgs = torch.from_numpy(np.array(images, copy=True))
+        self.images = imgs.unsqueeze(1) if imgs.ndim == 3 else imgs.permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].float().div_(255)  # (C, H, W)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[i]
+
+
+def _tensor_transforms(mean: tuple[float, ...], std: tuple[float, ...], size: int,
+                       augment: bool) -> Callable:
+    from torchvision.transforms import v2
+
+    ops: list[Any] = []
+    if augment:
+        ops += [v2.RandomCrop(size, padding=max(size // 8, 1)), v2.RandomHorizontalFlip()]
+    ops.append(v2.Normalize(mean, std))
+    return v2.Compose(ops)
+
+
+def _split_val(ds: Dataset, val_fraction: float, seed: int,
+               val_ds: Dataset | None = None) -> tuple[Dataset, Dataset | None]:
+    """Seeded train/val split; `val_ds` is the same data with eval transforms."""
+    if val_fraction <= 0:
+        return ds, None
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(round(len(ds) * val_fraction)))
+    return Subset(ds, perm[n_val:]), Subset(val_ds if val_ds is not None else ds, perm[:n_val])
+
+
+def fashion_mnist(root: str | None, cfg: Any, seed: int) -> DataSplits:
+    folder = Path(root or FASHION_MNIST_DIR).expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"data.root={str(folder)!r} does not exist. Fashion-MNIST is expected as the four IDX "
+            f".gz files {sorted(FASHION_MNIST_FILES.values())}; on Debian/Ubuntu "
+            "`sudo apt-get install dataset-fashion-mnist` puts them in "
+            f"{FASHION_MNIST_DIR} (`make data` does it), or download them with torchvision's "
+            "FashionMNIST(download=True) on an online machine and point data.root at them."
+        )
+    missing = [n for n in FASHION_MNIST_FILES.values() if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"data.root={str(folder)!r} lacks the Fashion-MNIST file(s) {missing}")
+    a = {k: read_idx(folder / n) for k, n in FASHION_MNIST_FILES.items()}
+    for split in ("train", "test"):
+        imgs, labels = a[f"{split}_images"], a[f"{split}_labels"]
+        if imgs.ndim != 3 or labels.ndim != 1 or len(imgs) != len(labels):
+            raise DataError(f"{folder}: {split} images {imgs.shape} / labels {labels.shape} "
+                            "are not (N, 28, 28) / (N,)")
+    mean, std, size = (0.2860,), (0.3530,), a["train_images"].shape[1]
+    train_tf = _tensor_transforms(mean, std, size, cfg.augment)
+    eval_tf = _tensor_transforms(mean, std, size, False)
+    train_all = ImageTensorDataset(a["train_images"], a["train_labels"], train_tf)
+    train_eval = ImageTensorDataset(a["train_images"], a["train_labels"], eval_tf)
+    train, val = _split_val(train_all, cfg.val_fraction, seed, train_eval)
+    test = ImageTensorDataset(a["test_images"], a["test_labels"], eval_tf)
+    return DataSplits(train, val, test, 1, 10, size)
+
+
+def synthetic(root: str | None, cfg: Any, seed: int) -> DataSplits:
+    """Learnable random data for tests: each class is a fixed random pattern plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    n, size, classes = cfg.synthetic_size, 32, 4
+    protos = torch.rand(classes, 3, size, size, generator=g)
+    labels = torch.randint(0, classes, (n + n // 4,), generator=g)
+    x = protos[labels] + 0.3 * torch.randn(len(labels), 3, size, size, generator=g)
+    full = TensorDataset(x[:n], labels[:n])
+    train, val = _split_val(full, cfg.val_fraction, seed)
+    return DataSplits(train, val, TensorDataset(x[n:], labels[n:]), 3, classes, size)
+
+
+def imagefolder(root: str | None, cfg: Any, seed: int, img_size: int | None = None) -> DataSplits:
+    """ImageNet-style `root/train/<class>/*.jpg` and `root/val/<class>/*.jpg` folders."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    if root is None:
+        raise DataError("data.dataset=imagefolder needs data.root (a folder with train/ and val/)")
+    folder = Path(root).expanduser()
+    for sub in ("train", "val"):
+        if not (folder / sub).is_dir():
+            raise DataError(f"data.root={str(folder)!r} must hold {sub}/<class>/<images> folders")
+    size = img_size or 224
+    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    train_tf = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *to_float,
+                           v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    eval_tf = v2.Compose([v2.Resize(int(size / 0.875)), v2.CenterCrop(size), *to_float,
+                          v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    train_all = datasets.ImageFolder(folder / "train", train_tf if cfg.augment else eval_tf)
+    train_eval = datasets.ImageFolder(folder / "train", eval_tf)
+    train, val = _split_val(train_all, cfg.val_fraction, seed, train_eval)
+    test = datasets.ImageFolder(folder / "val", eval_tf)
+    return DataSplits(train, val, test, 3, len(train_all.classes), size)
+
+
+def _cifar(num_classes: int) -> Callable[..., DataSplits]:
+    def build(root: str | None, cfg: Any, seed: int) -> DataSplits:
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if num_classes == 10 else datasets.CIFAR100
+        folder = str(Path(root or "~/.cache/cifar").expanduser())
+        try:
+            tr = cls(folder, train=True, download=cfg.download)
+            te = cls(folder, train=False, download=cfg.download)
+        except RuntimeError as e:
+            raise DataError(f"CIFAR-{num_classes} not found in data.root={folder!r} ({e}); set "
+                            "data.download=true on an online machine") from None
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        train_all = ImageTensorDataset(tr.data, np.array(tr.targets),
+                                       _tensor_transforms(mean, std, 32, cfg.augment))
+        train_eval = ImageTensorDataset(tr.data, np.array(tr.targets),
+                                        _tensor_transforms(mean, std, 32, False))
+        train, val = _split_val(train_all, cfg.val_fraction, seed, train_eval)
+        test = ImageTensorDataset(te.data, np.array(te.targets),
+                                  _tensor_transforms(mean, std, 32, False))
+        return DataSplits(train, val, test, 3, num_classes, 32)
+
+    return build
+
+
+DATASETS: dict[str, Callable[..., DataSplits]] = {
+    "fashion_mnist": fashion_mnist,
+    "synthetic": synthetic,
+    "imagefolder": imagefolder,
+    "cifar10": _cifar(10),
+    "cifar100": _cifar(100),
+}
+
+
+def _limit(ds: Dataset | None, n: int | None) -> Dataset | None:
+    if ds is None or n is None or n >= len(ds):
+        return ds
+    return Subset(ds, range(n))
+
+
+def build_splits(cfg: Any, seed: int, img_size: int | None = None) -> DataSplits:
+    """Build the three splits named by a `DataConfig`, truncated to max_*_samples."""
+    if cfg.dataset not in DATASETS:
+        raise DataError(f"data.dataset={cfg.dataset!r}; allowed: {sorted(DATASETS)}")
+    build = DATASETS[cfg.dataset]
+    if cfg.dataset == "imagefolder":
+        s = build(cfg.root, cfg, seed, img_size)
+    else:
+        s = build(cfg.root, cfg, seed)
+    s.train = _limit(s.train, cfg.max_train_samples)
+    s.val = _limit(s.val, cfg.max_eval_samples)
+    s.test = _limit(s.test, cfg.max_eval_samples)
+    return s
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
+                seed: int = 0, drop_last: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      drop_last=drop_last, generator=g, persistent_workers=workers > 0)
+
+
+def dataset_shape(cfg: Any) -> tuple[int, int, int]:
+    """(in_chans, num_classes, img_size) of a data set without loading it: used to default the
+    model's shape and to validate the config before Ray starts."""
+    fixed = {"fashion_mnist": (1, 10, 28), "synthetic": (3, 4, 32), "cifar10": (3, 10, 32),
+             "cifar100": (3, 100, 32)}
+    if cfg.dataset in fixed:
+        return fixed[cfg.dataset]
+    if cfg.root is None:
+        raise DataError("data.dataset=imagefolder needs data.root (a folder with train/ and val/)")
+    train = Path(cfg.root).expanduser() / "train"
+    if not train.is_dir():
+        raise DataError(f"data.root={cfg.root!r} must hold train/<class>/ and val/<class>/")
+    return 3, sum(1 for p in train.iterdir() if p.is_dir()), 224

@@ -1,0 +1,123 @@
+"""Dense pretraining, the per-worker loop run by Ray Train's TorchTrainer.
+
+Every epoch: train on this worker's shard, evaluate on the validation split (all-reduced),
+report the metrics with a checkpoint (rank 0 writes it). After a worker-group restart the loop
+resumes from the latest checkpoint: weights, optimizer, LR schedule, epoch and the elapsed time
+(so device-hours add up across attempts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from search_space.arch import ViTArch
+from search_space.models import unwrap
+from trainers import worker
+from trainers.checkpoint import load_checkpoint, save_checkpoint
+from trainers.config import TrainConfig
+from trainers.data import build_splits, make_loader
+from trainers.loop import all_reduce_sums, evaluate, train_one_epoch, warmup_cosine
+from trainers.model_factory import build_dense
+
+
+def _eval_split(model, ds, cfg, env) -> dict[str, float]:
+    loader = worker.prepare_loader(make_loader(ds, cfg.data.eval_batch_size, shuffle=False))
+    r = evaluate(model, loader, env.device, env.precision)
+    s = all_reduce_sums({k: r[k] for k in ("correct", "count", "loss_sum")}, env.device)
+    return {"top1": s["correct"] / max(s["count"], 1), "loss": s["loss_sum"] / max(s["count"], 1)}
+
+
+def _progress(env, epoch: int, n_epochs: int, steps: int):
+    if not env.is_main:
+        return None
+
+    def show(i: int, st) -> None:
+        print(f"[pretrain] epoch {epoch + 1}/{n_epochs} step {i}/{steps} loss={st.loss:.4f} "
+              f"top1={st.top1:.4f} {st.img_per_s * env.world_size:.0f} img/s", flush=True)
+
+    return show
+
+
+def pretrain_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point for the dense pretrain."""
+    cfg = TrainConfig.model_validate(config)
+    env = worker.setup_worker(cfg.scaling, cfg.seed)
+    splits = build_splits(cfg.data, cfg.seed)
+    model = build_dense(cfg)
+    arch = ViTArch.from_timm(model).to_dict()
+    rc = cfg.pretrain
+
+    per_worker_batch = max(1, cfg.data.batch_size // env.world_size)
+    train_loader = make_loader(splits.train, per_worker_batch, shuffle=True,
+                               workers=cfg.data.loader_workers, seed=cfg.seed, drop_last=True)
+    train_loader = worker.prepare_loader(train_loader)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} exceeds the training set "
+                         f"({len(splits.train)} images)")
+    total_steps = math.ceil(rc.epochs * steps_per_epoch)  # 0: evaluate the given weights only
+    n_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+
+    decay, no_decay = [], []
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": rc.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=rc.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        max(total_steps, 1), int(rc.warmup_epochs * steps_per_epoch), rc.lr, rc.min_lr))
+
+    start_epoch, elapsed, resumed_from = 0, 0.0, -1
+    with worker.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
+            state = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
+            start_epoch, elapsed = state["epoch"] + 1, state["elapsed_s"]
+            resumed_from = state["epoch"]
+    model = worker.prepare_model(model)
+    if resumed_from >= 0 and env.is_main:
+        print(f"[pretrain] resumed after epoch {resumed_from + 1}/{n_epochs}", flush=True)
+
+    for epoch in range(start_epoch, n_epochs):
+        t0 = time.perf_counter()
+        worker.set_epoch(train_loader, epoch)
+        steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        st = train_one_epoch(model, train_loader, optimizer, scheduler, env.device,
+                             env.precision, rc.label_smoothing, rc.grad_clip,
+                             max_steps=steps, step_offset=epoch * steps_per_epoch,
+                             progress=_progress(env, epoch, n_epochs, steps),
+                             progress_every=max(steps // 4, 1))
+        tr = all_reduce_sums({"loss": st.loss * st.images, "correct": st.top1 * st.images,
+                              "images": st.images}, env.device)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1, "epochs": n_epochs,
+            "train_loss": tr["loss"] / max(tr["images"], 1),
+            "train_top1": tr["correct"] / max(tr["images"], 1),
+            "img_per_s": tr["images"] / max(st.seconds, 1e-9), "lr": scheduler.get_last_lr()[0],
+            "resumed_from_epoch": resumed_from + 1,
+        }
+        if splits.val is not None:
+            v = _eval_split(model, splits.val, cfg, env)
+            metrics.update(val_top1=v["top1"], val_loss=v["loss"])
+        if epoch == n_epochs - 1:
+            t = _eval_split(model, splits.test, cfg, env)
+            metrics.update(test_top1=t["top1"], test_loss=t["loss"])
+        elapsed += time.perf_counter() - t0
+        metrics["elapsed_s"] = elapsed
+        state = {"epoch": epoch, "elapsed_s": elapsed, "metrics": metrics}
+
+        def write(d: Path, state=state) -> None:
+            save_checkpoint(d, unwrap(model), state, optimizer, scheduler, arch=arch)
+            (d / "metrics.json").write_text(json.dumps(state["metrics"]))
+
+        worker.report(env, metrics, write)
+        if env.is_main:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in metrics.items() if k != "epochs")
+            print(f"[pretrain] {shown}", flush=True)

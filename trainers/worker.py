@@ -1,0 +1,85 @@
+"""The thin Ray Train adapter: everything a worker loop needs from Ray, in one place.
+
+Inside a worker Ray is only: get_context, get_device, prepare_model, prepare_data_loader,
+get_checkpoint and report. Results leave a worker only through `report` (a barrier: every rank
+calls it the same number of times); only rank 0 writes the checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainers.loop import resolve_precision
+
+
+@dataclass
+class WorkerEnv:
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_worker(scaling: Any, seed: int) -> WorkerEnv:
+    """Threads, device, precision and seeds for this worker."""
+    ctx = ray.train.get_context()
+    if not scaling.use_gpu:
+        torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    torch.manual_seed(seed + ctx.get_world_rank())
+    return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device,
+                     resolve_precision(scaling.precision, device))
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Move to the worker's device and wrap in DDP when there is more than one worker."""
+    return ray.train.torch.prepare_model(model)
+
+
+def prepare_loader(loader: DataLoader) -> DataLoader:
+    """Shard with a DistributedSampler (seeded, reshuffled per epoch through set_epoch)."""
+    return ray.train.torch.prepare_data_loader(loader)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+@contextmanager
+def latest_checkpoint() -> Iterator[Path | None]:
+    """The folder of the run's latest reported checkpoint (after a restart), or None."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as d:
+        yield Path(d)
+
+
+def report(env: WorkerEnv, metrics: dict[str, Any],
+           write_checkpoint: Callable[[Path], None] | None = None) -> None:
+    """Report metrics from every rank; rank 0 attaches a checkpoint written by the callback."""
+    if write_checkpoint is None or not env.is_main:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
+        write_checkpoint(Path(d))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
