@@ -1,0 +1,86 @@
+"""OFB's bi-mask and adaptive one-hot loss: the math, free of any module.
+
+Notation (METHODS.md section 1): a module has candidate widths w_c with architecture logits alpha
+and per-unit importance logits S. p = softmax(alpha / T) over the live candidates;
+W[k] = sum_c p_c [k < w_c] is the probability that the unit of rank k survives; a unit u's
+survival value is V_u = W[rank(u)] with units ranked by S; its mask is
+m_u = lambda * sigmoid(S_u) + (1 - lambda) * V_u.
+
+Decisions where the paper leaves a choice:
+- One-hot temperature T (our knob, not in the published code) divides alpha before the softmax;
+  T = 1 is the published loss exactly. T < 1 sharpens p (faster elimination), T > 1 flattens it.
+- Units that no live candidate keeps get a hard 0 mask. The published code removes them by
+  slicing at the same moment, so this changes nothing in the method, and it makes slicing
+  exactly output-preserving.
+- The cot term of the one-hot loss is +inf at uniform p and -inf at one-hot p; we clamp it to
+  [-COT_CLAMP, COT_CLAMP] before dividing by n.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+COT_CLAMP = 10.0
+
+
+def probs(alpha: torch.Tensor, live: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(alpha / T) with dead candidates at exactly 0. Shapes: (C,) -> (C,)."""
+    logits = (alpha / temperature).masked_fill(~live, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def survival(p: torch.Tensor, widths: torch.Tensor, n_units: int) -> torch.Tensor:
+    """W[k] = P(width > k) for ranks k = 0..n_units-1. (C,), (C,) -> (n_units,)."""
+    ranks = torch.arange(n_units, device=p.device)
+    keeps = (ranks[None, :] < widths[:, None]).to(p.dtype)  # (C, n_units)
+    return p @ keeps
+
+
+def rank_of(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry (0 = highest score) along the last dim; not differentiated."""
+    order = torch.argsort(scores.detach(), dim=-1, descending=True)
+    return torch.argsort(order, dim=-1)
+
+
+def unit_mask(S: torch.Tensor, V: torch.Tensor, lam: float, alive: torch.Tensor) -> torch.Tensor:
+    """m = lam * sigmoid(S) + (1 - lam) * V, hard 0 where no live candidate keeps the unit."""
+    return (lam * torch.sigmoid(S) + (1.0 - lam) * V) * alive.to(S.dtype)
+
+
+def one_hot_loss(p: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Adaptive one-hot loss H(p) + clamp(cot(pi * var(p) / var_max)) / n over live candidates.
+
+    var(p) = sum_i (p_i - mean p)^2 and var_max = 1 - 1/n (its one-hot value), n = live count:
+    var_max shrinks as candidates are eliminated, which is what makes the loss adaptive. With
+    one live candidate the module is decided and the loss is 0.
+    """
+    n = int(live.sum())
+    if n <= 1:
+        return p.sum() * 0.0
+    q = p[live]
+    entropy = -(q * torch.log(q.clamp_min(1e-12))).sum()
+    var = ((q - q.mean()) ** 2).sum()
+    var_max = 1.0 - 1.0 / n
+    ratio = (var / var_max).clamp(1e-6, 1 - 1e-6)
+    cot = torch.cos(math.pi * ratio) / torch.sin(math.pi * ratio)
+    return entropy + cot.clamp(-COT_CLAMP, COT_CLAMP) / n
+
+
+def linear_schedule(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """Linear from `start` to `end` over the warm-up (per step), then held at `end`."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+def candidates_to_drop(p: torch.Tensor, live: torch.Tensor, factor: float = 0.2) -> torch.Tensor:
+    """Live candidates with p <= factor / n_live (never all of them: the argmax survives)."""
+    n = int(live.sum())
+    if n <= 1:
+        return torch.zeros_like(live)
+    drop = live & (p <= factor / n)
+    if bool((live & ~drop).sum() == 0):
+        drop[torch.argmax(p)] = False
+    return drop

@@ -1,0 +1,186 @@
+"""Searchable attention and MLP: timm's modules plus OFB's bi-mask, keeping the trained weights.
+
+Candidate lists (METHODS.md section 1, with our choice for small head counts):
+- attention, joint mode: heads in range(2, H+1, 2) when H >= 6 (DeiT-S/B as published), else
+  range(1, H+1) (the published list is [2] for DeiT-T's H=3); dims per head in
+  range(d/4, d+1, max(d/8, 1)). One alpha per (heads, dims) cell. S has shape (H, d); the same
+  (H, d) mask scales q, k and v.
+- MLP hidden: range(h/4, h+1, h/8). The mask multiplies the activation output (fc2's input), so
+  a frozen mask folds exactly into fc2's columns (on fc1's pre-activation output it would not
+  fold through GELU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention
+
+from search_space import bimask
+from search_space.searchable import (
+    SearchableMixin,
+    SurvivalByRank,
+    linear_candidates,
+    topk_units,
+)
+from search_space.slicing import slice_linear_, slice_tensor_
+
+
+def head_candidates(H: int) -> list[int]:
+    return list(range(2, H + 1, 2)) if H >= 6 else list(range(1, H + 1))
+
+
+def dim_candidates(d: int) -> list[int]:
+    return linear_candidates(d, 0.25, max(d // 8, 1))
+
+
+class SearchableAttention(SearchableMixin, Attention):
+    kind = "attn"
+    l1_coef = 4e-4
+
+    @classmethod
+    def from_dense(cls, attn: Attention) -> SearchableAttention:
+        for bad in ("gate",):
+            if getattr(attn, bad, None) is not None:
+                raise ValueError(f"searchable attention does not support timm's {bad!r} option")
+        if not isinstance(attn.q_norm, torch.nn.Identity) or not isinstance(
+                attn.norm, torch.nn.Identity):
+            raise ValueError("searchable attention does not support qk_norm / scale_norm")
+        dev = attn.qkv.weight.device
+        dim = attn.qkv.in_features
+        new = cls(dim, attn.num_heads, attn_head_dim=attn.head_dim, dim_out=attn.proj.out_features,
+                  qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
+                  attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p, device=dev)
+        new.load_state_dict(attn.state_dict())
+        heads, dims = head_candidates(attn.num_heads), dim_candidates(attn.head_dim)
+        cells = [(h, d) for h in heads for d in dims]
+        new.register_buffer("cand_heads", torch.tensor([c[0] for c in cells], device=dev))
+        new.register_buffer("cand_dims", torch.tensor([c[1] for c in cells], device=dev))
+        new._init_search((attn.num_heads, attn.head_dim), len(cells), dev)
+        return new  # self.scale (1/sqrt(dense head dim)) is kept through every slice
+
+    def _widest(self) -> tuple[int, int]:
+        return int(self.cand_heads[self.live].max()), int(self.cand_dims[self.live].max())
+
+    def _ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        head_score = torch.sigmoid(self.S).sum(-1)  # (H,)
+        return bimask.rank_of(head_score), bimask.rank_of(self.S)  # (H,), (H, d)
+
+    def _survival(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rh, rc = self._ranks()
+        keep_h = (rh[None, :] < self.cand_heads[:, None]).to(p.dtype)  # (C, H)
+        keep_d = (rc[None] < self.cand_dims[:, None, None]).to(p.dtype)  # (C, H, d)
+        V = torch.einsum("c,ch,chd->hd", p, keep_h, keep_d)  # P(heads > r_h and dims > r_c)
+        wh, wd = self._widest()
+        return V, (rh[:, None] < wh) & (rc < wd)
+
+    def expected_width(self) -> torch.Tensor:
+        """E[heads * dims]: the expected q/k/v width, for the MACs loss."""
+        if self.is_finished:
+            return torch.tensor(float(self.attn_dim), device=self.S.device)
+        return (self.probs() * (self.cand_heads * self.cand_dims).to(self.S.dtype)).sum()
+
+    def _slice_units(self, optimizer) -> None:
+        wh, wd = self._widest()
+        H, d = self.num_heads, self.head_dim
+        if (wh, wd) == (H, d):
+            return
+        heads = topk_units(torch.sigmoid(self.S).sum(-1), wh)  # (wh,)
+        chans = torch.stack([topk_units(self.S[h], wd) for h in heads.tolist()])  # (wh, wd)
+        flat = (heads[:, None] * d + chans).reshape(-1)  # indices into H*d
+        inner = H * d
+        qkv_idx = torch.cat([flat + i * inner for i in range(3)])
+        slice_linear_(self.qkv, qkv_idx, 0, optimizer)
+        slice_linear_(self.proj, flat, 1, optimizer)
+        s_idx = flat  # S viewed as (H*d,)
+        S_flat = self.S.data.reshape(-1)
+        self.S.data = S_flat.index_select(0, s_idx).reshape(wh, wd).contiguous()
+        if optimizer is not None and self.S in optimizer.state:
+            for k, v in list(optimizer.state[self.S].items()):
+                if torch.is_tensor(v) and v.numel() == H * d:
+                    optimizer.state[self.S][k] = v.reshape(-1).index_select(0, s_idx).reshape(
+                        wh, wd).contiguous()
+        self.S.grad = None
+        self.frozen = torch.ones(wh, wd, device=self.S.device)
+        self.num_heads, self.head_dim, self.attn_dim = wh, wd, wh * wd
+
+    def resize_(self, widths: tuple[int, ...]) -> None:
+        wh, wd = widths
+        if (wh, wd) == (self.num_heads, self.head_dim):
+            return
+        keep = (torch.arange(wh)[:, None] * self.head_dim + torch.arange(wd)).reshape(-1)
+        inner = self.attn_dim
+        slice_linear_(self.qkv, torch.cat([keep + i * inner for i in range(3)]), 0)
+        slice_linear_(self.proj, keep, 1)
+        self.S.data = self.S.data.reshape(-1)[keep].reshape(wh, wd).contiguous()
+        self.frozen = torch.ones(wh, wd, device=self.S.device)
+        self.num_heads, self.head_dim, self.attn_dim = wh, wd, wh * wd
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
+        m = self.mask().to(q.dtype)[None, :, None, :]  # (1, H, 1, d)
+        q, k, v = q * m, k * m, v * m
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)  # (B, N, H*d)
+        return self.proj_drop(self.proj(x))
+
+
+class SearchableMlp(SearchableMixin, Mlp):
+    kind = "mlp"
+    l1_coef = 1e-4
+
+    @classmethod
+    def from_dense(cls, mlp: Mlp) -> SearchableMlp:
+        if not isinstance(mlp.norm, torch.nn.Identity):
+            raise ValueError("searchable MLP does not support timm's norm-in-MLP option")
+        dev = mlp.fc1.weight.device
+        new = cls(mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features,
+                  act_layer=type(mlp.act), bias=mlp.fc1.bias is not None, drop=mlp.drop1.p,
+                  device=dev)
+        new.load_state_dict(mlp.state_dict())
+        h = mlp.fc1.out_features
+        new.register_buffer("cand_widths", torch.tensor(linear_candidates(h, 0.25, h // 8),
+                                                        device=dev))
+        new._init_search((h,), len(new.cand_widths), dev)
+        return new
+
+    def _widest(self) -> tuple[int]:
+        return (int(self.cand_widths[self.live].max()),)
+
+    def _survival(self, p):
+        return SurvivalByRank.survival_1d(self.S, p, self.cand_widths, self.live)
+
+    def expected_width(self) -> torch.Tensor:
+        if self.is_finished:
+            return torch.tensor(float(self.fc1.out_features), device=self.S.device)
+        return (self.probs() * self.cand_widths.to(self.S.dtype)).sum()
+
+    def _slice_units(self, optimizer) -> None:
+        (w,) = self._widest()
+        if w == self.fc1.out_features:
+            return
+        keep = topk_units(self.S, w)
+        slice_linear_(self.fc1, keep, 0, optimizer)
+        slice_linear_(self.fc2, keep, 1, optimizer)
+        slice_tensor_(self.S, 0, keep, optimizer)
+        self.frozen = torch.ones(w, device=self.S.device)
+
+    def resize_(self, widths: tuple[int, ...]) -> None:
+        (w,) = widths
+        if w != self.fc1.out_features:
+            keep = torch.arange(w)
+            slice_linear_(self.fc1, keep, 0)
+            slice_linear_(self.fc2, keep, 1)
+            slice_tensor_(self.S, 0, keep)
+            self.frozen = torch.ones(w, device=self.S.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.act(self.fc1(x)))  # (B, N, h)
+        x = x * self.mask().to(x.dtype)
+        return self.drop2(self.fc2(x))

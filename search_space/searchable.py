@@ -1,0 +1,143 @@
+"""Searchable units: the shared state of every OFB module (alpha, S, live candidates).
+
+A subclass says what its units and candidates are (`_survival`, `_widest`, `_slice_units`) and
+how its mask enters its forward. The base answers the questions every method and the search
+loop ask: live candidates, expected width (for the MACs loss), elimination, freezing.
+
+Lifecycle of a module: searching (mask = lambda*sigmoid(S) + (1-lambda)*V) -> candidates are
+eliminated, weights sliced to the widest survivor -> one candidate left: `finish()` freezes the
+mask as a per-channel `frozen` buffer, alpha and S stop learning -> `fold` at export.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from search_space import bimask
+
+
+class SearchableMixin:
+    """State and behaviour shared by all searchable modules (mixed into timm module classes)."""
+
+    kind: ClassVar[str] = ""
+    l1_coef: ClassVar[float] = 1e-4  # c_type of the L1 term on sigmoid(S)
+    loss_weight: ClassVar[float] = 0.5  # w_type
+
+    # Set by the search loop before each forward (plain attributes, not state).
+    lam: float = 1.0
+    temperature: float = 1.0
+
+    def _init_search(self, S_shape: tuple[int, ...], n_candidates: int,
+                     device: torch.device | None) -> None:
+        self.alpha = nn.Parameter(torch.rand(n_candidates, device=device) * 1e-3)  # ~uniform
+        self.S = nn.Parameter(nn.init.trunc_normal_(torch.empty(S_shape, device=device),
+                                                    std=0.2, a=-0.4, b=0.4))
+        self.register_buffer("live", torch.ones(n_candidates, dtype=torch.bool, device=device))
+        self.register_buffer("finished", torch.zeros((), dtype=torch.bool, device=device))
+        self.register_buffer("frozen", torch.ones(S_shape, device=device))
+
+    # --- questions the loop asks -------------------------------------------------------
+    @property
+    def is_finished(self) -> bool:
+        return bool(self.finished)
+
+    def probs(self) -> torch.Tensor:
+        return bimask.probs(self.alpha, self.live, self.temperature)
+
+    def n_live(self) -> int:
+        return int(self.live.sum())
+
+    def mask(self) -> torch.Tensor:
+        """Current per-unit multiplier (shape of S)."""
+        if self.is_finished:
+            return self.frozen
+        V, alive = self._survival(self.probs())
+        return bimask.unit_mask(self.S, V, self.lam, alive)
+
+    def search_loss(self) -> torch.Tensor:
+        """w_type * [one-hot loss + c_type * sum sigmoid(S)]; 0 once finished."""
+        if self.is_finished:
+            return self.S.sum() * 0.0
+        oh = bimask.one_hot_loss(self.probs(), self.live)
+        return self.loss_weight * (oh + self.l1_coef * torch.sigmoid(self.S).sum())
+
+    def eliminate(self, factor: float = 0.2, slice_weights: bool = True,
+                  optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Drop candidates with p <= factor/n; slice to the widest survivor. True if changed."""
+        if self.is_finished:
+            return False
+        with torch.no_grad():
+            drop = bimask.candidates_to_drop(self.probs(), self.live, factor)
+        if not drop.any():
+            return False
+        before = self._widest()
+        self.live &= ~drop
+        if slice_weights and self._widest() != before:
+            self.slice_to_widest(optimizer)
+        return True
+
+    def slice_to_widest(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        with torch.no_grad():
+            self._slice_units(optimizer)
+
+    def finish(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Keep only the argmax candidate, slice to it and freeze the mask as `frozen`."""
+        with torch.no_grad():
+            keep = torch.zeros_like(self.live)
+            keep[torch.argmax(self.probs())] = True
+            self.live.copy_(keep)
+            self._slice_units(optimizer)
+            self.frozen = self.mask().detach().clone()
+            self.finished.fill_(True)
+        self.alpha.requires_grad_(False)
+        self.S.requires_grad_(False)
+
+    # --- what subclasses define ----------------------------------------------------------
+    def _survival(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, alive) in the shape of S."""
+        raise NotImplementedError
+
+    def _widest(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _slice_units(self, optimizer: torch.optim.Optimizer | None) -> None:
+        raise NotImplementedError
+
+    def expected_width(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def resize_(self, widths: tuple[int, ...]) -> None:
+        """Shrink to `widths` without caring about values (restoring a checkpoint)."""
+        raise NotImplementedError
+
+
+def _first(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+def linear_candidates(n: int, lo_frac: float, step: int) -> list[int]:
+    """range(n*lo_frac, n+1, step), always ending at n."""
+    step = max(step, 1)
+    out = list(range(max(int(n * lo_frac), 1), n + 1, step))
+    return out if out and out[-1] == n else [*out, n]
+
+
+class SurvivalByRank:
+    """1-D survival helper for modules whose units are one vector (MLP hidden, embedding)."""
+
+    @staticmethod
+    def survival_1d(S: torch.Tensor, p: torch.Tensor, widths: torch.Tensor,
+                    live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = S.shape[0]
+        W = bimask.survival(p, widths, n)  # (n,)
+        r = bimask.rank_of(S)
+        widest = int(widths[live].max())
+        return W[r], r < widest
+
+
+def topk_units(S: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k most important units, in their original order."""
+    return torch.sort(torch.topk(S.detach(), k).indices).values

@@ -1,0 +1,126 @@
+"""Subnets: a plain timm VisionTransformer with per-block widths, exported as arch.json + weights.
+
+`extract_subnet` folds every frozen mask into the weights and copies them into a fresh timm ViT
+whose blocks carry their own Attention (heads, head dim) and Mlp (hidden width). The searched
+model computed attention with the dense model's scale 1/sqrt(d_dense) (timm's fused attention
+would silently switch to 1/sqrt(d_new)), so the ratio sqrt(d_new / d_dense) is folded into the
+q rows: the exported model needs no custom attention class and runs anywhere timm runs.
+
+`load_subnet(folder)` needs only torch, timm, safetensors and this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention, VisionTransformer
+from torch import nn
+
+from search_space.arch import ViTArch
+from search_space.slicing import scale_rows_
+
+ARCH_FILE, WEIGHTS_FILE, ONNX_FILE = "arch.json", "model.safetensors", "model.onnx"
+
+
+def build_from_arch(arch: ViTArch, device: str | torch.device | None = None) -> VisionTransformer:
+    """An untrained timm ViT with the per-block widths of `arch`."""
+    with torch.device(device or "cpu"):
+        model = VisionTransformer(
+            img_size=arch.img_size, patch_size=arch.patch_size, in_chans=arch.in_chans,
+            num_classes=arch.num_classes, embed_dim=arch.embed_dim, depth=arch.depth,
+            num_heads=1, qkv_bias=arch.qkv_bias, class_token=arch.class_token,
+            reg_tokens=arch.reg_tokens, no_embed_class=arch.no_embed_class,
+            global_pool=arch.global_pool, fc_norm=arch.fc_norm or None,
+            pre_norm=arch.pre_norm, init_values=1e-5 if arch.layer_scale else None,
+            weight_init="skip")
+        for blk, b in zip(model.blocks, arch.blocks, strict=True):
+            blk.attn = Attention(arch.embed_dim, b.num_heads, attn_head_dim=b.head_dim,
+                                 qkv_bias=arch.qkv_bias)
+            blk.mlp = Mlp(arch.embed_dim, b.mlp_hidden)
+    return model
+
+
+@torch.no_grad()
+def extract_subnet(supernet: nn.Module) -> tuple[VisionTransformer, ViTArch]:
+    """Fold the frozen masks of a finished `SearchableViT` into a plain timm ViT."""
+    if not supernet.is_finished:
+        raise ValueError("every searchable module must be finished before extraction")
+    arch = supernet.current_arch()
+    src = supernet.vit
+    sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    m_e = src.patch_embed.frozen  # (D,)
+    # Stream entry: (patch + pos) * m_e and cls * m_e.
+    scale_rows_(sd["patch_embed.proj.weight"], m_e)
+    if "patch_embed.proj.bias" in sd:
+        sd["patch_embed.proj.bias"].mul_(m_e)
+    sd["pos_embed"].mul_(m_e)
+    sd["cls_token"].mul_(m_e)
+    for i, blk in enumerate(src.blocks):
+        p = f"blocks.{i}."
+        a = blk.attn
+        m = a.frozen.reshape(-1)  # (H*d,) mask on q, k and v
+        q_fix = a.scale * a.head_dim**0.5  # searched softmax scale / the subnet's 1/sqrt(d)
+        row = torch.cat([m * q_fix, m, m])
+        scale_rows_(sd[p + "attn.qkv.weight"], row)
+        if p + "attn.qkv.bias" in sd:
+            sd[p + "attn.qkv.bias"].mul_(row)
+        for name in ("attn.proj", "mlp.fc2"):  # branch outputs * m_e
+            scale_rows_(sd[p + name + ".weight"], m_e)
+            if p + name + ".bias" in sd:
+                sd[p + name + ".bias"].mul_(m_e)
+        sd[p + "mlp.fc2.weight"].mul_(blk.mlp.frozen[None, :])  # MLP mask on fc2's input
+    sd = {k: v for k, v in sd.items() if not _search_key(k)}
+    out = build_from_arch(arch, device=next(supernet.parameters()).device)
+    out.load_state_dict(sd, strict=True)
+    return out.eval(), arch
+
+
+def _search_key(k: str) -> bool:
+    last = k.rsplit(".", 1)[-1]
+    return last in ("alpha", "S", "live", "finished", "frozen", "cand_heads", "cand_dims",
+                    "cand_widths")
+
+
+def export_subnet(model: nn.Module, arch: ViTArch, folder: str | Path,
+                  extra: dict | None = None) -> Path:
+    """Write `arch.json` (+ `extra` facts such as MACs) and `model.safetensors` to `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+              str(folder / WEIGHTS_FILE))
+    blob = {"arch": arch.to_dict(), **(extra or {})}
+    (folder / ARCH_FILE).write_text(json.dumps(blob, indent=2, sort_keys=True))
+    return folder
+
+
+def load_subnet(folder: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
+    """Rebuild an exported subnet from its folder (no project state needed)."""
+    folder = Path(folder)
+    for f in (ARCH_FILE, WEIGHTS_FILE):
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"{folder} is not a subnet folder: {f} is missing")
+    arch = ViTArch.from_dict(json.loads((folder / ARCH_FILE).read_text())["arch"])
+    model = build_from_arch(arch, device=device)
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(device)))
+    return model.eval()
+
+
+def export_onnx(model: nn.Module, arch: ViTArch, path: str | Path, batch: int = 1) -> Path:
+    """ONNX export with a dynamic batch dimension (legacy TorchScript exporter: no extra deps)."""
+    path = Path(path)
+    x = torch.zeros(batch, arch.in_chans, arch.img_size, arch.img_size)
+    fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    for m, _ in fused:
+        m.fused_attn = False
+    try:
+        torch.onnx.export(model.eval(), (x,), str(path), input_names=["images"],
+                          output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    finally:
+        for m, f in fused:
+            m.fused_attn = f
+    return path

@@ -1,0 +1,215 @@
+"""`SearchableViT`: a timm VisionTransformer turned into OFB's supernet, weights kept.
+
+Attention and MLP modules are replaced by their searchable subclasses; the embedding width (the
+residual stream) is searched by `SearchablePatchEmbed`. The wrapper owns the forward so that it
+can (a) insert PMIM's mask token into the patch sequence, (b) mask the residual stream, and
+(c) return the final-norm patch tokens for PMIM's decoder, all in one pass.
+
+Embedding mask decision (the paper says: patch-embed output, pos-embed, cls and mask token): we
+apply m_e to the stream after the positional embedding (= to each of those), and also to every
+residual branch output (attention proj, MLP fc2), so a masked channel is exactly zero in the
+stream at every depth and a frozen m_e folds into those layers. Slicing the embedding is not
+exactly output-preserving, because LayerNorm then normalises over the kept channels only
+(as published); attention and MLP slices are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from search_space.arch import BlockArch, ViTArch
+from search_space.cost import attn_macs, mlp_macs, stem_head_macs
+from search_space.modules import SearchableAttention, SearchableMlp
+from search_space.searchable import SearchableMixin, SurvivalByRank, linear_candidates, topk_units
+from search_space.slicing import slice_layernorm_, slice_linear_, slice_tensor_
+
+
+class SearchablePatchEmbed(SearchableMixin, PatchEmbed):
+    """Patch embedding whose output width (the whole residual stream) is searched."""
+
+    kind = "embed"
+    l1_coef = 1e-4
+
+    @classmethod
+    def from_dense(cls, pe: PatchEmbed) -> SearchablePatchEmbed:
+        dev = pe.proj.weight.device
+        new = cls(img_size=pe.img_size, patch_size=pe.patch_size, in_chans=pe.proj.in_channels,
+                  embed_dim=pe.proj.out_channels, bias=pe.proj.bias is not None,
+                  flatten=pe.flatten, strict_img_size=pe.strict_img_size, device=dev)
+        if not isinstance(pe.norm, nn.Identity):
+            raise ValueError("searchable patch embedding does not support a norm layer")
+        new.load_state_dict(pe.state_dict())
+        D = pe.proj.out_channels
+        new.register_buffer("cand_widths", torch.tensor(
+            linear_candidates(D, 0.5, min(max(D // 32, 1), 12)), device=dev))
+        new._init_search((D,), len(new.cand_widths), dev)
+        return new
+
+    def _widest(self) -> tuple[int]:
+        return (int(self.cand_widths[self.live].max()),)
+
+    def _survival(self, p):
+        return SurvivalByRank.survival_1d(self.S, p, self.cand_widths, self.live)
+
+    def expected_width(self) -> torch.Tensor:
+        if self.is_finished:
+            return torch.tensor(float(self.proj.out_channels), device=self.S.device)
+        return (self.probs() * self.cand_widths.to(self.S.dtype)).sum()
+
+    def _slice_units(self, optimizer) -> None:
+        (w,) = self._widest()
+        if w != self.proj.out_channels:
+            self.owner_slice(topk_units(self.S, w), optimizer)
+
+    def resize_(self, widths: tuple[int, ...]) -> None:
+        (w,) = widths
+        if w != self.proj.out_channels:
+            self.owner_slice(torch.arange(w), None)
+
+    owner_slice = None  # set by SearchableViT: slicing the stream touches the whole model
+
+
+class SearchableViT(nn.Module):
+    """OFB supernet around a timm VisionTransformer (class token, learned pos-embed)."""
+
+    def __init__(self, vit: VisionTransformer):
+        super().__init__()
+        _check_supported(vit)
+        self.dense_arch = ViTArch.from_timm(vit)
+        vit.patch_embed = SearchablePatchEmbed.from_dense(vit.patch_embed)
+        for blk in vit.blocks:
+            blk.attn = SearchableAttention.from_dense(blk.attn)
+            blk.mlp = SearchableMlp.from_dense(blk.mlp)
+        self.vit = vit
+        D, p, C = vit.embed_dim, self.dense_arch.patch_size, self.dense_arch.in_chans
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # PMIM decoder: 1x1 conv D -> p*p*C, then PixelShuffle(p) back to image resolution.
+        self.decoder = nn.Sequential(nn.Conv2d(D, p * p * C, 1), nn.PixelShuffle(p))
+        object.__setattr__(vit.patch_embed, "owner_slice", self._slice_embed)
+
+    # --- the searchable modules ------------------------------------------------------------
+    def searchable(self) -> list[SearchableMixin]:
+        return [m for m in self.modules() if isinstance(m, SearchableMixin)]
+
+    def named_searchable(self) -> list[tuple[str, SearchableMixin]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, SearchableMixin)]
+
+    def set_schedule(self, lam: float, temperature: float) -> None:
+        for m in self.searchable():
+            m.lam, m.temperature = lam, temperature
+
+    @property
+    def is_finished(self) -> bool:
+        return all(m.is_finished for m in self.searchable())
+
+    def arch_params(self) -> list[nn.Parameter]:
+        return [m.alpha for m in self.searchable()]
+
+    def importance_params(self) -> list[nn.Parameter]:
+        return [m.S for m in self.searchable()]
+
+    def decoder_params(self) -> list[nn.Parameter]:
+        return [self.mask_token, *self.decoder.parameters()]
+
+    # --- costs -------------------------------------------------------------------------------
+    def current_arch(self) -> ViTArch:
+        """The physical architecture now (the widest survivors)."""
+        v = self.vit
+        blocks = tuple(BlockArch(b.attn.num_heads, b.attn.head_dim, b.mlp.fc1.out_features)
+                       for b in v.blocks)
+        return ViTArch(**{**self.dense_arch.to_dict(), "embed_dim": v.patch_embed.proj.out_channels,
+                          "blocks": blocks})
+
+    def expected_macs(self) -> torch.Tensor:
+        """F(alpha): analytic MACs at the expected widths (differentiable in alpha)."""
+        a, T = self.dense_arch, self.dense_arch.num_tokens
+        D = self.vit.patch_embed.expected_width()
+        total = stem_head_macs(a, D)
+        for b in self.vit.blocks:
+            total = total + attn_macs(T, D, b.attn.expected_width(), 1)
+            total = total + mlp_macs(T, D, b.mlp.expected_width())
+        return total
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, patch_mask: torch.Tensor | None = None,
+                return_features: bool = False):
+        """x: (B, C, H, W); patch_mask: (B, N) bool, True = replaced by the mask token.
+
+        Returns logits (B, classes), or (logits, patch tokens (B, N, D)) with return_features.
+        """
+        v = self.vit
+        x = v.patch_embed(x)  # (B, N, D)
+        if patch_mask is not None:
+            w = patch_mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = v._pos_embed(x)  # (B, 1+N, D)
+        m_e = v.patch_embed.mask().to(x.dtype)  # (D,)
+        x = v.norm_pre(x * m_e)
+        for blk in v.blocks:
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x)))) * m_e
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))) * m_e
+        x = v.norm(x)
+        logits = v.forward_head(x)
+        if return_features:
+            return logits, x[:, v.num_prefix_tokens:]
+        return logits
+
+    def reconstruct(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """PMIM decoder: (B, N, D) -> (B, C, H, W)."""
+        B, N, D = patch_tokens.shape
+        g = int(N**0.5)
+        z = patch_tokens.transpose(1, 2).reshape(B, D, g, g)  # (B, D, h, w)
+        return self.decoder(z)
+
+    # --- slicing the residual stream -------------------------------------------------------
+    def _slice_embed(self, keep: torch.Tensor, optimizer) -> None:
+        v, pe = self.vit, self.vit.patch_embed
+        slice_tensor_(pe.proj.weight, 0, keep, optimizer)
+        if pe.proj.bias is not None:
+            slice_tensor_(pe.proj.bias, 0, keep, optimizer)
+        pe.proj.out_channels = len(keep)
+        slice_tensor_(pe.S, 0, keep, optimizer)
+        pe.frozen = torch.ones(len(keep), device=keep.device)
+        for t in (v.cls_token, v.pos_embed, self.mask_token):
+            slice_tensor_(t, 2, keep, optimizer)
+        for blk in v.blocks:
+            slice_layernorm_(blk.norm1, keep, optimizer)
+            slice_layernorm_(blk.norm2, keep, optimizer)
+            slice_linear_(blk.attn.qkv, keep, 1, optimizer)
+            slice_linear_(blk.attn.proj, keep, 0, optimizer)
+            slice_linear_(blk.mlp.fc1, keep, 1, optimizer)
+            slice_linear_(blk.mlp.fc2, keep, 0, optimizer)
+            for ls in (blk.ls1, blk.ls2):
+                if hasattr(ls, "gamma"):
+                    slice_tensor_(ls.gamma, 0, keep, optimizer)
+        for norm in (v.norm, v.fc_norm):
+            if isinstance(norm, nn.LayerNorm):
+                slice_layernorm_(norm, keep, optimizer)
+        if isinstance(v.head, nn.Linear):
+            slice_linear_(v.head, keep, 1, optimizer)
+        slice_tensor_(self.decoder[0].weight, 1, keep, optimizer)
+        self.decoder[0].in_channels = len(keep)
+        v.embed_dim = v.num_features = len(keep)
+
+
+def _check_supported(vit: VisionTransformer) -> None:
+    problems = []
+    if vit.cls_token is None:
+        problems.append("class_token=False")
+    if getattr(vit, "num_reg_tokens", 0):
+        problems.append("reg_tokens > 0")
+    if getattr(vit, "no_embed_class", False):
+        problems.append("no_embed_class=True")
+    if vit.pos_embed is None:
+        problems.append("pos_embed other than 'learn'")
+    if getattr(vit, "dynamic_img_size", False):
+        problems.append("dynamic_img_size=True")
+    if vit.global_pool not in ("token", "avg"):
+        problems.append(f"global_pool={vit.global_pool!r}")
+    if problems:
+        raise ValueError("OFB search supports timm ViTs with a class token, learned pos-embed "
+                         "and token/avg pooling; this model has " + ", ".join(problems))
