@@ -19,7 +19,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import Config
-from trainers.pretrain import pretrain_loop
+from trainers.supervised import supervised_loop
 
 
 @dataclass
@@ -84,8 +84,8 @@ def run_pretrain(cfg: Config) -> PretrainResult:
     print(f"[pretrain] training dense {cfg.model.name} on {cfg.data.dataset} with "
           f"{cfg.scaling.num_workers} worker(s) (run pretrain-{key})", flush=True)
     trainer = TorchTrainer(
-        pretrain_loop,
-        train_loop_config=cfg.worker_dict(),
+        supervised_loop,
+        train_loop_config={"train": cfg.worker_dict(), "phase": "pretrain", "init": None},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=f"pretrain-{key}",

@@ -135,11 +135,11 @@ class SearchableViT(nn.Module):
         return total
 
     # --- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, patch_mask: torch.Tensor | None = None,
-                return_features: bool = False):
-        """x: (B, C, H, W); patch_mask: (B, N) bool, True = replaced by the mask token.
+    def forward(self, x: torch.Tensor, patch_mask: torch.Tensor | None = None):
+        """x: (B, C, H, W) -> logits (B, classes).
 
-        Returns logits (B, classes), or (logits, patch tokens (B, N, D)) with return_features.
+        With `patch_mask` ((B, N) bool, True = replaced by the mask token) returns
+        (logits, reconstruction (B, C, H, W)) for PMIM, all inside one forward (DDP-friendly).
         """
         v = self.vit
         x = v.patch_embed(x)  # (B, N, D)
@@ -154,9 +154,9 @@ class SearchableViT(nn.Module):
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))) * m_e
         x = v.norm(x)
         logits = v.forward_head(x)
-        if return_features:
-            return logits, x[:, v.num_prefix_tokens:]
-        return logits
+        if patch_mask is None:
+            return logits
+        return logits, self.reconstruct(x[:, v.num_prefix_tokens:])
 
     def reconstruct(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """PMIM decoder: (B, N, D) -> (B, C, H, W)."""
@@ -164,6 +164,27 @@ class SearchableViT(nn.Module):
         g = int(N**0.5)
         z = patch_tokens.transpose(1, 2).reshape(B, D, g, g)  # (B, D, h, w)
         return self.decoder(z)
+
+    def freeze_decoder(self) -> None:
+        for p in self.decoder_params():
+            p.requires_grad_(False)
+
+    def load_search_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a checkpointed supernet: shrink every module to its saved live set, then load.
+
+        Physical widths follow from the live candidates (slicing happens with elimination), so
+        the `live` buffers in the state dict are all the architecture state there is.
+        """
+        for name, m in self.named_searchable():
+            m.live.copy_(state[f"{name}.live"])
+            m.resize_(m._widest())
+        self.load_state_dict(state)
+        for m in self.searchable():
+            if m.is_finished:
+                m.alpha.requires_grad_(False)
+                m.S.requires_grad_(False)
+        if self.is_finished:
+            self.freeze_decoder()
 
     # --- slicing the residual stream -------------------------------------------------------
     def _slice_embed(self, keep: torch.Tensor, optimizer) -> None:

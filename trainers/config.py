@@ -68,8 +68,8 @@ class ModelConfig(_Section):
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-class PretrainConfig(_Section):
-    """Recipe of the dense training run every search starts from."""
+class RecipeConfig(_Section):
+    """A supervised training recipe (AdamW, linear warm-up, cosine decay)."""
 
     epochs: float = Field(
         3, ge=0, description="fractions allowed; 0 = take the weights as they are (evaluate only)")
@@ -79,7 +79,44 @@ class PretrainConfig(_Section):
     weight_decay: float = Field(0.05, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
+
+
+class PretrainConfig(RecipeConfig):
+    """Recipe of the dense training run every search starts from."""
+
     cache: bool = Field(True, description="reuse a finished dense model with the same hash")
+
+
+class FinetuneConfig(RecipeConfig):
+    """Recipe of the fine-tune every extracted subnet gets (the same for every method)."""
+
+    epochs: float = Field(1, ge=0)
+    lr: float = Field(5e-4, gt=0)
+    warmup_epochs: float = Field(0.1, ge=0)
+
+
+class SearchConfig(_Section):
+    """The search phase (OFB defaults from METHODS.md; fewer epochs for small models)."""
+
+    method: str = "ofb"
+    budget: float = Field(0.5, gt=0, le=1, description="target MACs / dense MACs")
+    target_gmacs: float | None = Field(None, gt=0, description="absolute target; wins over budget")
+    epochs: float = Field(6, gt=0, description="cap: at the cap every module takes its argmax")
+    warmup_epochs: float = Field(1, ge=0, description="lambda and mask-ratio ramp")
+    lr: float = Field(5e-4, gt=0, description="weights and importance scores S")
+    alpha_lr: float = Field(5e-3, gt=0, description="architecture logits alpha")
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float | None = Field(5.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="one-hot temperature: softmax(alpha / T)")
+    mask_ratio: float = Field(0.25, ge=0, lt=1, description="PMIM ratio after the warm-up")
+    mask_ratio_start: float = Field(0.05, ge=0, lt=1)
+    lambda_start: float = Field(0.99, ge=0, le=1)
+    lambda_end: float = Field(0.1, ge=0, le=1)
+    macs_loss_weight: float = Field(5.0, ge=0)
+    eliminations_per_epoch: int = Field(3, ge=1)
+    elimination_factor: float = Field(0.2, gt=0, lt=1)
 
 
 class ScalingConfig(_Section):
@@ -100,6 +137,8 @@ class TrainConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
 
     def worker_dict(self) -> dict[str, Any]:

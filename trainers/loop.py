@@ -11,29 +11,11 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class StepHooks(Protocol):
-    """What a method may add to a training step. Every member is optional in practice:
-    `NoHooks` is the dense default."""
-
-    def extra_loss(self, model: nn.Module, images: torch.Tensor, logits: torch.Tensor,
-                   ce: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-    def after_step(self, model: nn.Module, step: int) -> None: ...
-
-
-class NoHooks:
-    def extra_loss(self, model, images, logits, ce):  # noqa: D401 - protocol impl
-        return {}
-
-    def after_step(self, model, step):
-        return None
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -79,6 +61,7 @@ class EpochStats:
     seconds: float = 0.0
     steps: int = 0
     terms: dict[str, float] = field(default_factory=dict)
+    model: nn.Module | None = None  # the model at the end (re-wrapped if its shape changed)
 
     @property
     def img_per_s(self) -> float:
@@ -94,7 +77,8 @@ def train_one_epoch(
     precision: str = "fp32",
     label_smoothing: float = 0.0,
     grad_clip: float | None = None,
-    hooks: Any = None,
+    method: Any = None,
+    rewrap: Callable[[nn.Module], nn.Module] | None = None,
     max_steps: int | None = None,
     step_offset: int = 0,
     progress: Callable[[int, EpochStats], None] | None = None,
@@ -102,10 +86,10 @@ def train_one_epoch(
 ) -> EpochStats:
     """Train for one pass over `loader` (or `max_steps` batches); returns local statistics.
 
-    `progress(i, running_stats)` is called every `progress_every` steps (0: never), so long
-    epochs show signs of life.
+    `method` (a `trainers.methods.SearchMethod`) supplies the forward, extra loss terms and a
+    per-step hook; when that hook reports changed parameter shapes, `rewrap` rebuilds the DDP
+    wrapper. `progress(i, running_stats)` is called every `progress_every` steps (0: never).
     """
-    hooks = hooks or NoHooks()
     model.train()
     st = EpochStats()
     t0 = time.perf_counter()
@@ -113,11 +97,15 @@ def train_one_epoch(
     for i, (images, targets) in enumerate(loader):
         if max_steps is not None and i >= max_steps:
             break
+        step = step_offset + i
         images, targets = images.to(device, non_blocking=True), targets.to(device)
         with autocast(device, precision):
-            logits = model(images)  # (B, num_classes)
+            if method is None:
+                logits, aux = model(images), None  # (B, num_classes)
+            else:
+                logits, aux = method.forward(model, images, step)
             ce = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-            extra = hooks.extra_loss(model, images, logits, ce)
+            extra = method.extra_loss(model, images, logits, aux, ce) if method else {}
         loss = ce + sum(extra.values()) if extra else ce
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,7 +114,9 @@ def train_one_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        hooks.after_step(model, step_offset + i)
+        if method is not None and method.after_step(model, step, optimizer):
+            if rewrap is not None:
+                model = rewrap(getattr(model, "module", model))
         b = targets.shape[0]
         loss_sum += loss.item() * b
         correct += (logits.argmax(-1) == targets).sum().item()
@@ -139,6 +129,7 @@ def train_one_epoch(
             st.loss, st.top1 = loss_sum / st.images, correct / st.images
             progress(st.steps, st)
     st.seconds = time.perf_counter() - t0
+    st.model = model
     n = max(st.images, 1)
     st.loss, st.top1 = loss_sum / n, correct / n
     st.terms = {k: v / n for k, v in st.terms.items()}

@@ -1,4 +1,5 @@
-"""Dense pretraining, the per-worker loop run by Ray Train's TorchTrainer.
+"""Supervised training phases run by Ray Train's TorchTrainer: dense pretrain and the fine-tune
+of an extracted subnet (the same loop, the same recipe fields, a different starting model).
 
 Every epoch: train on this worker's shard, evaluate on the validation split (all-reduced),
 report the metrics with a checkpoint (rank 0 writes it). After a worker-group restart the loop
@@ -18,6 +19,7 @@ import torch
 
 from search_space.arch import ViTArch
 from search_space.models import unwrap
+from search_space.subnet import load_subnet
 from trainers import worker
 from trainers.checkpoint import load_checkpoint, save_checkpoint
 from trainers.config import TrainConfig
@@ -26,32 +28,42 @@ from trainers.loop import all_reduce_sums, evaluate, train_one_epoch, warmup_cos
 from trainers.model_factory import build_dense
 
 
-def _eval_split(model, ds, cfg, env) -> dict[str, float]:
+def eval_split(model, ds, cfg, env) -> dict[str, float]:
     loader = worker.prepare_loader(make_loader(ds, cfg.data.eval_batch_size, shuffle=False))
     r = evaluate(model, loader, env.device, env.precision)
     s = all_reduce_sums({k: r[k] for k in ("correct", "count", "loss_sum")}, env.device)
     return {"top1": s["correct"] / max(s["count"], 1), "loss": s["loss_sum"] / max(s["count"], 1)}
 
 
-def _progress(env, epoch: int, n_epochs: int, steps: int):
+def progress_printer(env, tag: str, epoch: int, n_epochs: int, steps: int):
+    """A `train_one_epoch` progress callback printing from rank 0 only."""
     if not env.is_main:
         return None
 
     def show(i: int, st) -> None:
-        print(f"[pretrain] epoch {epoch + 1}/{n_epochs} step {i}/{steps} loss={st.loss:.4f} "
+        print(f"[{tag}] epoch {epoch + 1}/{n_epochs} step {i}/{steps} loss={st.loss:.4f} "
               f"top1={st.top1:.4f} {st.img_per_s * env.world_size:.0f} img/s", flush=True)
 
     return show
 
 
-def pretrain_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point for the dense pretrain."""
-    cfg = TrainConfig.model_validate(config)
+PHASES = ("pretrain", "finetune")
+
+
+def supervised_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point. `config`: {"train": TrainConfig dict, "phase": "pretrain"
+    or "finetune", "init": subnet folder (finetune) or None}."""
+    cfg = TrainConfig.model_validate(config["train"])
+    phase = config["phase"]
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r}; allowed: {PHASES}")
     env = worker.setup_worker(cfg.scaling, cfg.seed)
     splits = build_splits(cfg.data, cfg.seed)
-    model = build_dense(cfg)
+    if phase == "pretrain":
+        model, rc = build_dense(cfg), cfg.pretrain
+    else:
+        model, rc = load_subnet(config["init"]), cfg.finetune
     arch = ViTArch.from_timm(model).to_dict()
-    rc = cfg.pretrain
 
     per_worker_batch = max(1, cfg.data.batch_size // env.world_size)
     train_loader = make_loader(splits.train, per_worker_batch, shuffle=True,
@@ -82,7 +94,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             resumed_from = state["epoch"]
     model = worker.prepare_model(model)
     if resumed_from >= 0 and env.is_main:
-        print(f"[pretrain] resumed after epoch {resumed_from + 1}/{n_epochs}", flush=True)
+        print(f"[{phase}] resumed after epoch {resumed_from + 1}/{n_epochs}", flush=True)
 
     for epoch in range(start_epoch, n_epochs):
         t0 = time.perf_counter()
@@ -91,7 +103,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         st = train_one_epoch(model, train_loader, optimizer, scheduler, env.device,
                              env.precision, rc.label_smoothing, rc.grad_clip,
                              max_steps=steps, step_offset=epoch * steps_per_epoch,
-                             progress=_progress(env, epoch, n_epochs, steps),
+                             progress=progress_printer(env, phase, epoch, n_epochs, steps),
                              progress_every=max(steps // 4, 1))
         tr = all_reduce_sums({"loss": st.loss * st.images, "correct": st.top1 * st.images,
                               "images": st.images}, env.device)
@@ -103,10 +115,10 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             "resumed_from_epoch": resumed_from + 1,
         }
         if splits.val is not None:
-            v = _eval_split(model, splits.val, cfg, env)
+            v = eval_split(model, splits.val, cfg, env)
             metrics.update(val_top1=v["top1"], val_loss=v["loss"])
         if epoch == n_epochs - 1:
-            t = _eval_split(model, splits.test, cfg, env)
+            t = eval_split(model, splits.test, cfg, env)
             metrics.update(test_top1=t["top1"], test_loss=t["loss"])
         elapsed += time.perf_counter() - t0
         metrics["elapsed_s"] = elapsed
@@ -120,4 +132,4 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         if env.is_main:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in metrics.items() if k != "epochs")
-            print(f"[pretrain] {shown}", flush=True)
+            print(f"[{phase}] {shown}", flush=True)

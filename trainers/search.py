@@ -1,0 +1,154 @@
+"""The search phase, shared by every method: per-worker loop run by Ray Train's TorchTrainer.
+
+dense weights -> method.wrap -> epochs of `train_one_epoch` with the method's hooks (losses,
+elimination, slicing; DDP rebuilt whenever shapes change) -> a checkpoint every epoch holding
+the architecture state (so a restarted worker resumes mid-search) -> method.extract -> the
+subnet is evaluated (top-1 before fine-tune) and shipped in the final checkpoint's `subnet/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from search_space.arch import ViTArch
+from search_space.cost import cost_of
+from search_space.models import unwrap
+from search_space.subnet import export_subnet
+from trainers import worker
+from trainers.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, load_weights, save_checkpoint
+from trainers.config import TrainConfig
+from trainers.data import build_splits, make_loader
+from trainers.loop import all_reduce_sums, train_one_epoch, warmup_cosine
+from trainers.methods import get_method
+from trainers.model_factory import build_dense
+from trainers.supervised import eval_split, progress_printer
+
+SUBNET_DIR = "subnet"
+
+
+def _restore(ckpt_dir: Path, method, model, optimizer_fn) -> tuple[Any, Any, dict]:
+    method.restore(model, load_file(str(ckpt_dir / MODEL_FILE)))
+    optimizer, scheduler = optimizer_fn(model)
+    blob = torch.load(ckpt_dir / OPTIM_FILE, weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    return optimizer, scheduler, json.loads((ckpt_dir / STATE_FILE).read_text())
+
+
+def search_loop(config: dict[str, Any]) -> None:
+    """Worker entry point. `config`: {"train": TrainConfig dict, "dense": dense weights file}."""
+    cfg = TrainConfig.model_validate(config["train"])
+    sc = cfg.search
+    env = worker.setup_worker(cfg.scaling, cfg.seed)
+    splits = build_splits(cfg.data, cfg.seed)
+    dense = build_dense(cfg, pretrained=False)
+    load_weights(dense, config["dense"])
+    dense_arch = ViTArch.from_timm(dense)
+
+    per_worker_batch = max(1, cfg.data.batch_size // env.world_size)
+    loader = worker.prepare_loader(make_loader(
+        splits.train, per_worker_batch, shuffle=True, workers=cfg.data.loader_workers,
+        seed=cfg.seed, drop_last=True))
+    steps_per_epoch = len(loader)
+    cap_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
+    n_epochs = math.ceil(cap_steps / steps_per_epoch)
+    method = get_method(sc.method)(sc, steps_per_epoch, dense_arch)
+    model = method.wrap(dense)
+
+    def make_optimizer(m):
+        opt = torch.optim.AdamW(method.param_groups(m), lr=sc.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(
+            cap_steps, int(sc.warmup_epochs * steps_per_epoch), sc.lr, sc.min_lr))
+        return opt, sched
+
+    start_epoch, elapsed, resumed_from, history = 0, 0.0, 0, []
+    with worker.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
+            optimizer, scheduler, state = _restore(ckpt_dir, method, model, make_optimizer)
+            start_epoch, elapsed = state["epoch"] + 1, state["elapsed_s"]
+            resumed_from, history = state["epoch"] + 1, state.get("history", [])
+        else:
+            optimizer, scheduler = make_optimizer(model)
+    model = worker.prepare_model(model)
+    if resumed_from and env.is_main:
+        print(f"[search] resumed after epoch {resumed_from}/{n_epochs}", flush=True)
+
+    done = method.finished(model)
+    for epoch in range(start_epoch, n_epochs):
+        if done:
+            break
+        t0 = time.perf_counter()
+        worker.set_epoch(loader, epoch)
+        steps = min(steps_per_epoch, cap_steps - epoch * steps_per_epoch)
+        st = train_one_epoch(
+            model, loader, optimizer, scheduler, env.device, env.precision, sc.label_smoothing,
+            sc.grad_clip, method=method, rewrap=worker.prepare_model, max_steps=steps,
+            step_offset=epoch * steps_per_epoch,
+            progress=progress_printer(env, "search", epoch, n_epochs, steps),
+            progress_every=max(steps // 4, 1))
+        model = st.model
+        done = method.finished(model)
+        tr = all_reduce_sums({"loss": st.loss * st.images, "correct": st.top1 * st.images,
+                              "images": st.images}, env.device)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1, "epochs": n_epochs, "phase": "search",
+            "train_loss": tr["loss"] / max(tr["images"], 1),
+            "train_top1": tr["correct"] / max(tr["images"], 1),
+            **{f"loss_{k}": v for k, v in st.terms.items()},
+            "resumed_from_epoch": resumed_from, "search_finished": done,
+        }
+        if splits.val is not None:
+            metrics["val_top1"] = eval_split(model, splits.val, cfg, env)["top1"]
+        metrics.update(method.metrics(model))
+        elapsed += time.perf_counter() - t0
+        metrics["elapsed_s"] = elapsed
+        history.append({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        state = {"epoch": epoch, "elapsed_s": elapsed, "history": history}
+        if env.is_main:
+            _print_epoch(metrics)
+        worker.report(env, metrics, lambda d, s=state, m=model: save_checkpoint(
+            d, unwrap(m), s, optimizer, scheduler))
+
+    t0 = time.perf_counter()
+    note = method.finalize(model, optimizer)
+    if note and env.is_main:
+        print(f"[search] note: {note}", flush=True)
+    subnet, arch = method.extract(model)
+    cost = cost_of(arch)
+    final: dict[str, Any] = {"phase": "search_done", "epoch": len(history),
+                             "macs": cost.macs, "params": cost.params,
+                             "dense_macs": cost_of(dense_arch).macs, "note": note,
+                             "resumed_from_epoch": resumed_from}
+    if splits.val is not None:
+        final["val_top1_before_finetune"] = eval_split(subnet, splits.val, cfg, env)["top1"]
+    final["test_top1_before_finetune"] = eval_split(subnet, splits.test, cfg, env)["top1"]
+    elapsed += time.perf_counter() - t0
+    final["elapsed_s"] = elapsed
+    if env.is_main:
+        print(f"[search] subnet {cost.macs / 1e6:.2f} M MACs ({cost.macs / final['dense_macs']:.1%}"
+              f" of dense), {cost.params / 1e6:.3f} M params, top-1 before fine-tune "
+              f"{final['test_top1_before_finetune']:.4f}", flush=True)
+
+    def write(d: Path) -> None:
+        export_subnet(subnet, arch, d / SUBNET_DIR, extra={"macs": cost.macs,
+                                                           "params": cost.params})
+        (d / STATE_FILE).write_text(json.dumps({"final": final, "history": history}))
+
+    worker.report(env, final, write)
+
+
+def _print_epoch(m: dict[str, Any]) -> None:
+    print(f"[search] epoch {m['epoch']}/{m['epochs']} loss={m['train_loss']:.4f} "
+          f"val_top1={m.get('val_top1', float('nan')):.4f} "
+          f"MACs expected={m.get('expected_macs', 0) / 1e6:.2f}M "
+          f"current={m.get('current_macs', 0) / 1e6:.2f}M "
+          f"target={m.get('target_macs', 0) / 1e6:.2f}M live={m.get('live_candidates')} "
+          f"finished={m.get('finished_modules')} lambda={m.get('lambda', 0):.3f} "
+          f"mask_ratio={m.get('mask_ratio', 0):.3f}", flush=True)
