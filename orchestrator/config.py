@@ -11,12 +11,13 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from trainers.config import TrainConfig, _Section
+from trainers.methods import list_methods
 
 DEFAULT_CONFIG = "default.yaml"  # packaged in orchestrator/
 
@@ -32,6 +33,9 @@ class RayConfig(_Section):
 
 class Config(TrainConfig):
     name: str = Field("fmnist_vit", pattern=r"^[A-Za-z0-9_.\-]+$")
+    pipeline: Literal["pretrain", "search"] = Field(
+        "search", description="pretrain: dense model only; search: pretrain -> search -> "
+        "subnet -> fine-tune -> evaluation")
     output_dir: str = "./runs"
     cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -44,6 +48,12 @@ class Config(TrainConfig):
     def cache_path(self) -> Path:
         base = self.cache_dir or str(Path(self.output_dir) / "cache")
         return Path(base).expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _known_method(self) -> Config:
+        if self.search.method not in list_methods():
+            raise ValueError(f"search.method={self.search.method!r}; allowed: {list_methods()}")
+        return self
 
     def pretrain_key(self) -> str:
         """Hash of everything that determines the dense model: model, data, recipe, seed.

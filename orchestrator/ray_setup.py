@@ -11,8 +11,10 @@ from typing import Any
 
 import ray
 
-# Environment every Ray worker of ours gets: no hub look-ups (offline machines), quiet auth.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Environment every Ray worker of ours gets: no hub look-ups (offline machines), and worker
+# prints once (Train V2's print patch tees them to the logger too, so each line came twice).
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def resolve_address(address: str | None) -> str | None:
@@ -31,8 +33,10 @@ def start_ray(address: str | None = None, health_check_interval_s: float = 0.2,
     # Read by the Train controller, which inherits the environment of the Ray processes.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(health_check_interval_s))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if addr is None:
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if addr is None:  # one machine: no tokens, no preemption to watch for
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TIMM_FUSED_ATTN"):
         if k in os.environ:

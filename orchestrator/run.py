@@ -1,8 +1,8 @@
 """`python -m orchestrator.run [--config FILE] [--address ADDR] [key=value ...]`
 
 Loads and validates the config (every error before Ray starts), starts Ray embedded or joins a
-cluster, runs the dense pretrain (cached by hash) and prints the result. Outputs go under
-`<output_dir>/<name>/`.
+cluster, runs the phases of `pipeline` (dense pretrain, cached by hash; then search, subnet
+export, fine-tune, evaluation) and prints the result. Outputs go under `<output_dir>/<name>/`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from orchestrator.config import Config, ConfigError, load_config
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m orchestrator.run",
-        description="Run the orchestrator: dense pretrain (cached) on the configured data.",
+        description="Run the orchestrator: dense pretrain (cached) -> search -> subnet -> "
+                    "fine-tune -> evaluation, on Ray Train workers.",
         epilog="Overrides use dotted keys, e.g. pretrain.epochs=1 scaling.num_workers=2",
     )
     p.add_argument("--config", help="YAML config file (default: the built-in default)")
@@ -69,27 +70,58 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
-    from orchestrator.pretrain import run_pretrain
+    from orchestrator.phases import run_finetune, run_pretrain, run_search
     from orchestrator.ray_setup import start_ray
 
     resources = start_ray(cfg.ray.address, cfg.ray.health_check_interval_s)
     print(f"[run] Ray resources: {resources.get('CPU', 0):g} CPU, "
           f"{resources.get('GPU', 0):g} GPU; outputs in {run_dir}", flush=True)
-    res = run_pretrain(cfg)
-    summary = {"pretrain": res.summary()}
+    dense = run_pretrain(cfg)
+    summary: dict = {"pretrain": dense.summary()}
+    if cfg.pipeline == "search":
+        search = run_search(cfg, dense)
+        tuned = run_finetune(cfg, search.subnet)
+        summary["search"] = {"subnet": str(search.subnet), "final": search.final,
+                             "cost": search.cost.summary()}
+        summary["finetune"] = {"path": str(tuned.path), "metrics": tuned.metrics,
+                               "cost": tuned.cost.summary()}
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
-    m, c = res.metrics, res.cost
-    print("\n== dense pretrain ==")
-    print(f"  model        {cfg.model.name} ({'cached' if res.cached else 'trained now'})")
-    for k in ("val_top1", "test_top1"):
-        if k in m:
-            print(f"  {k:<12} {100 * m[k]:.2f}%")
-    print(f"  epochs       {m['epoch']}")
-    print(f"  cost         {c.device_hours:.4f} {c.device_kind}-hours "
-          f"({c.devices:g} x {c.worker_seconds:.0f} s)")
-    print(f"  weights      {res.path / 'model.safetensors'}")
+    print_summary(cfg, summary)
     print(f"  summary      {run_dir / 'result.json'}")
     return 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def print_summary(cfg: Config, s: dict) -> None:
+    d = s["pretrain"]
+    m, c = d["metrics"], d["cost"]
+    print("\n== dense model ==")
+    print(f"  model        {cfg.model.name} ({'cached' if d['cached'] else 'trained now'}), "
+          f"{m['epoch']} epoch(s)")
+    print(f"  top-1        val {_pct(m.get('val_top1'))}  test {_pct(m.get('test_top1'))}")
+    print(f"  cost         {c['device_hours']:.4f} {c['device_kind']}-hours "
+          f"({c['devices']:g} x {c['worker_seconds']:.0f} s)")
+    print(f"  weights      {Path(d['path']) / 'model.safetensors'}")
+    if "search" not in s:
+        return
+    f, ft = s["search"]["final"], s["finetune"]["metrics"]
+    print(f"\n== {cfg.search.method} subnet ==")
+    print(f"  MACs         {f['macs'] / 1e6:.2f} M ({f['macs'] / f['dense_macs']:.1%} of dense "
+          f"{f['dense_macs'] / 1e6:.2f} M)")
+    print(f"  params       {f['params'] / 1e6:.3f} M")
+    print(f"  top-1        before fine-tune {_pct(f.get('test_top1_before_finetune'))}, "
+          f"after {_pct(ft.get('test_top1'))} (test)")
+    for phase in ("pretrain", "search", "finetune"):
+        pc = c if phase == "pretrain" else s[phase]["cost"]
+        shared = " (cached: shared by every search)" if phase == "pretrain" else ""
+        print(f"  {phase:<12} {pc['device_hours']:.4f} {pc['device_kind']}-hours{shared}")
+    if f.get("note"):
+        print(f"  note         {f['note']}")
+    print(f"  exported     {s['search']['subnet']} (arch.json + model.safetensors)")
+    print(f"  fine-tuned   {Path(s['finetune']['path'])}")
 
 
 if __name__ == "__main__":

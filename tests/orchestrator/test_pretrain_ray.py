@@ -12,7 +12,7 @@ import time
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.pretrain import run_pretrain
+from orchestrator.phases import run_pretrain
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.ray

@@ -157,7 +157,7 @@ class OFB(SearchMethod):
         sn: SearchableViT = unwrap(model)
         live = {n.replace("vit.", ""): m.n_live() for n, m in sn.named_searchable()}
         return {
-            "expected_macs": float(sn.expected_macs()),
+            "expected_macs": float(sn.expected_macs().detach()),
             "current_macs": count_macs(sn.current_arch()),
             "target_macs": self.target_macs,
             "live_candidates": sum(live.values()),

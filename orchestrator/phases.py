@@ -1,0 +1,207 @@
+"""The phases of one trial, each a Ray Train run: dense pretrain (cached), search, fine-tune.
+
+A finished dense model is copied to `<cache>/dense/<hash>/` (weights in safetensors, arch.json,
+result.json); later runs and every trial of a sweep start from it. An interrupted pretrain
+resumes from its last epoch checkpoint: the Train run name is the hash, so rerunning the same
+command finds the same run in the same storage path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from orchestrator.config import Config
+from trainers.search import SUBNET_DIR, search_loop
+from trainers.supervised import supervised_loop
+
+
+@dataclass
+class PhaseCost:
+    """Device-hours of one phase: devices x wall time of the worker loops (all attempts)."""
+
+    device_kind: str  # "gpu" or "cpu_core"
+    devices: float
+    worker_seconds: float
+    driver_seconds: float
+
+    @property
+    def device_hours(self) -> float:
+        return self.devices * self.worker_seconds / 3600
+
+    def summary(self) -> dict[str, Any]:
+        return {**asdict(self), "device_hours": self.device_hours}
+
+
+@dataclass
+class PretrainResult:
+    path: Path  # cache folder: model.safetensors + arch.json + result.json
+    metrics: dict[str, Any]
+    cost: PhaseCost
+    cached: bool
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": str(self.path), "cached": self.cached, "metrics": self.metrics,
+                "cost": self.cost.summary()}
+
+
+def devices_of(cfg: Config) -> tuple[str, float]:
+    s = cfg.scaling
+    if s.use_gpu:
+        return "gpu", s.num_workers * s.gpus_per_worker
+    return "cpu_core", s.num_workers * s.cpus_per_worker
+
+
+def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
+    s = cfg.scaling
+    res = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        res["GPU"] = s.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                   resources_per_worker=res)
+
+
+def load_cached(folder: Path) -> PretrainResult | None:
+    f = folder / "result.json"
+    if not f.exists():
+        return None
+    blob = json.loads(f.read_text())
+    c = blob["cost"]
+    cost = PhaseCost(c["device_kind"], c["devices"], c["worker_seconds"], c["driver_seconds"])
+    return PretrainResult(folder, blob["metrics"], cost, cached=True)
+
+
+def fit_phase(cfg: Config, loop, loop_config: dict[str, Any], name: str,
+              storage: Path) -> tuple[ray.train.Result, float]:
+    """Run one Ray Train phase; the deterministic `name` makes a rerun resume it."""
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    return result, wall
+
+
+def _write_atomic(folder: Path, fill) -> None:
+    """Fill a temporary sibling folder, then rename: `folder` is complete or absent."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def run_pretrain(cfg: Config) -> PretrainResult:
+    """Train the dense model through Ray Train, or return the cached one."""
+    key = cfg.pretrain_key()
+    folder = cfg.cache_path / "dense" / key
+    if cfg.pretrain.cache and (hit := load_cached(folder)) is not None:
+        print(f"[pretrain] cache hit {folder}", flush=True)
+        return hit
+    print(f"[pretrain] training dense {cfg.model.name} on {cfg.data.dataset} with "
+          f"{cfg.scaling.num_workers} worker(s) (run pretrain-{key})", flush=True)
+    result, wall = fit_phase(cfg, supervised_loop,
+                             {"train": cfg.worker_dict(), "phase": "pretrain", "init": None},
+                             f"pretrain-{key}", cfg.cache_path / "ray")
+    kind, devices = devices_of(cfg)
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "state.json").read_text())
+        out = PretrainResult(folder, state["metrics"], PhaseCost(kind, devices,
+                             state["elapsed_s"], wall), cached=False)
+
+        def fill(tmp: Path) -> None:
+            for name in ("model.safetensors", "arch.json"):
+                shutil.copy2(Path(d) / name, tmp / name)
+            (tmp / "result.json").write_text(json.dumps(out.summary(), indent=2))
+
+        _write_atomic(folder, fill)
+    return out
+
+
+@dataclass
+class SearchResult:
+    subnet: Path  # arch.json + model.safetensors
+    final: dict[str, Any]
+    history: list[dict[str, Any]]
+    cost: PhaseCost
+
+
+def run_search(cfg: Config, dense: PretrainResult) -> SearchResult:
+    """Search from the dense weights; the subnet lands in `<run_dir>/search/subnet/`."""
+    out = cfg.run_dir / "search"
+    if (out / "result.json").exists():
+        blob = json.loads((out / "result.json").read_text())
+        print(f"[search] already done: {out}", flush=True)
+        return SearchResult(out / SUBNET_DIR, blob["final"], blob["history"],
+                            PhaseCost(**blob["cost"]))
+    name = f"search-{cfg.name}"
+    print(f"[search] {cfg.search.method} on {cfg.scaling.num_workers} worker(s), target "
+          f"{cfg.search.target_gmacs or cfg.search.budget} "
+          f"{'GMACs' if cfg.search.target_gmacs else 'x dense MACs'} (run {name})", flush=True)
+    result, wall = fit_phase(cfg, search_loop, {"train": cfg.worker_dict(),
+                                                "dense": str(dense.path / "model.safetensors")},
+                             name, cfg.run_dir / "ray")
+    kind, devices = devices_of(cfg)
+    with result.checkpoint.as_directory() as d:
+        blob = json.loads((Path(d) / "state.json").read_text())
+        cost = PhaseCost(kind, devices, blob["final"]["elapsed_s"], wall)
+        blob["cost"] = asdict(cost)
+
+        def fill(tmp: Path) -> None:
+            shutil.copytree(Path(d) / SUBNET_DIR, tmp / SUBNET_DIR)
+            (tmp / "result.json").write_text(json.dumps(blob, indent=2))
+
+        _write_atomic(out, fill)
+    return SearchResult(out / SUBNET_DIR, blob["final"], blob["history"], cost)
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    metrics: dict[str, Any]
+    cost: PhaseCost
+
+
+def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
+    """Fine-tune an exported subnet with `cfg.finetune`; weights in `<run_dir>/finetune/`."""
+    out = cfg.run_dir / "finetune"
+    if (out / "result.json").exists():
+        blob = json.loads((out / "result.json").read_text())
+        print(f"[finetune] already done: {out}", flush=True)
+        return FinetuneResult(out, blob["metrics"], PhaseCost(**blob["cost"]))
+    print(f"[finetune] {cfg.finetune.epochs:g} epoch(s) of the subnet", flush=True)
+    result, wall = fit_phase(cfg, supervised_loop, {"train": cfg.worker_dict(),
+                                                    "phase": "finetune", "init": str(subnet)},
+                             f"finetune-{cfg.name}", cfg.run_dir / "ray")
+    kind, devices = devices_of(cfg)
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "state.json").read_text())
+        cost = PhaseCost(kind, devices, state["elapsed_s"], wall)
+        blob = {"metrics": state["metrics"], "cost": asdict(cost)}
+
+        def fill(tmp: Path) -> None:
+            shutil.copy2(Path(d) / "model.safetensors", tmp / "model.safetensors")
+            shutil.copy2(subnet / "arch.json", tmp / "arch.json")
+            (tmp / "result.json").write_text(json.dumps(blob, indent=2))
+
+        _write_atomic(out, fill)
+    return FinetuneResult(out, blob["metrics"], cost)
