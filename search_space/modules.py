@@ -24,7 +24,7 @@ from search_space.searchable import (
     linear_candidates,
     topk_units,
 )
-from search_space.slicing import slice_linear_, slice_tensor_
+from search_space.slicing import along, slice_linear_, slice_param_
 
 
 def head_candidates(H: int) -> list[int]:
@@ -93,15 +93,8 @@ class SearchableAttention(SearchableMixin, Attention):
         qkv_idx = torch.cat([flat + i * inner for i in range(3)])
         slice_linear_(self.qkv, qkv_idx, 0, optimizer)
         slice_linear_(self.proj, flat, 1, optimizer)
-        s_idx = flat  # S viewed as (H*d,)
-        S_flat = self.S.data.reshape(-1)
-        self.S.data = S_flat.index_select(0, s_idx).reshape(wh, wd).contiguous()
-        if optimizer is not None and self.S in optimizer.state:
-            for k, v in list(optimizer.state[self.S].items()):
-                if torch.is_tensor(v) and v.numel() == H * d:
-                    optimizer.state[self.S][k] = v.reshape(-1).index_select(0, s_idx).reshape(
-                        wh, wd).contiguous()
-        self.S.grad = None
+        slice_param_(self, "S", lambda t: t.reshape(-1).index_select(0, flat.to(t.device))
+                     .reshape(wh, wd).contiguous(), optimizer)
         self.frozen = torch.ones(wh, wd, device=self.S.device)
         self.num_heads, self.head_dim, self.attn_dim = wh, wd, wh * wd
 
@@ -113,7 +106,7 @@ class SearchableAttention(SearchableMixin, Attention):
         inner = self.attn_dim
         slice_linear_(self.qkv, torch.cat([keep + i * inner for i in range(3)]), 0)
         slice_linear_(self.proj, keep, 1)
-        self.S.data = self.S.data.reshape(-1)[keep].reshape(wh, wd).contiguous()
+        slice_param_(self, "S", lambda t: t.reshape(-1)[keep].reshape(wh, wd).contiguous())
         self.frozen = torch.ones(wh, wd, device=self.S.device)
         self.num_heads, self.head_dim, self.attn_dim = wh, wd, wh * wd
 
@@ -168,7 +161,7 @@ class SearchableMlp(SearchableMixin, Mlp):
         keep = topk_units(self.S, w)
         slice_linear_(self.fc1, keep, 0, optimizer)
         slice_linear_(self.fc2, keep, 1, optimizer)
-        slice_tensor_(self.S, 0, keep, optimizer)
+        slice_param_(self, "S", along(0, keep), optimizer)
         self.frozen = torch.ones(w, device=self.S.device)
 
     def resize_(self, widths: tuple[int, ...]) -> None:
@@ -177,7 +170,7 @@ class SearchableMlp(SearchableMixin, Mlp):
             keep = torch.arange(w)
             slice_linear_(self.fc1, keep, 0)
             slice_linear_(self.fc2, keep, 1)
-            slice_tensor_(self.S, 0, keep)
+            slice_param_(self, "S", along(0, keep))
             self.frozen = torch.ones(w, device=self.S.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

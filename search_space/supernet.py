@@ -24,7 +24,7 @@ from search_space.arch import BlockArch, ViTArch
 from search_space.cost import attn_macs, mlp_macs, stem_head_macs
 from search_space.modules import SearchableAttention, SearchableMlp
 from search_space.searchable import SearchableMixin, SurvivalByRank, linear_candidates, topk_units
-from search_space.slicing import slice_layernorm_, slice_linear_, slice_tensor_
+from search_space.slicing import along, slice_layernorm_, slice_linear_, slice_param_
 
 
 class SearchablePatchEmbed(SearchableMixin, PatchEmbed):
@@ -189,14 +189,16 @@ class SearchableViT(nn.Module):
     # --- slicing the residual stream -------------------------------------------------------
     def _slice_embed(self, keep: torch.Tensor, optimizer) -> None:
         v, pe = self.vit, self.vit.patch_embed
-        slice_tensor_(pe.proj.weight, 0, keep, optimizer)
+        keep = keep.to(pe.S.device)
+        slice_param_(pe.proj, "weight", along(0, keep), optimizer)
         if pe.proj.bias is not None:
-            slice_tensor_(pe.proj.bias, 0, keep, optimizer)
+            slice_param_(pe.proj, "bias", along(0, keep), optimizer)
         pe.proj.out_channels = len(keep)
-        slice_tensor_(pe.S, 0, keep, optimizer)
+        slice_param_(pe, "S", along(0, keep), optimizer)
         pe.frozen = torch.ones(len(keep), device=keep.device)
-        for t in (v.cls_token, v.pos_embed, self.mask_token):
-            slice_tensor_(t, 2, keep, optimizer)
+        slice_param_(v, "cls_token", along(2, keep), optimizer)
+        slice_param_(v, "pos_embed", along(2, keep), optimizer)
+        slice_param_(self, "mask_token", along(2, keep), optimizer)
         for blk in v.blocks:
             slice_layernorm_(blk.norm1, keep, optimizer)
             slice_layernorm_(blk.norm2, keep, optimizer)
@@ -206,13 +208,13 @@ class SearchableViT(nn.Module):
             slice_linear_(blk.mlp.fc2, keep, 0, optimizer)
             for ls in (blk.ls1, blk.ls2):
                 if hasattr(ls, "gamma"):
-                    slice_tensor_(ls.gamma, 0, keep, optimizer)
+                    slice_param_(ls, "gamma", along(0, keep), optimizer)
         for norm in (v.norm, v.fc_norm):
             if isinstance(norm, nn.LayerNorm):
                 slice_layernorm_(norm, keep, optimizer)
         if isinstance(v.head, nn.Linear):
             slice_linear_(v.head, keep, 1, optimizer)
-        slice_tensor_(self.decoder[0].weight, 1, keep, optimizer)
+        slice_param_(self.decoder[0], "weight", along(1, keep), optimizer)
         self.decoder[0].in_channels = len(keep)
         v.embed_dim = v.num_features = len(keep)
 
