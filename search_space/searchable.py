@@ -57,11 +57,14 @@ class SearchableMixin:
         V, alive = self._survival(self.probs())
         return bimask.unit_mask(self.S, V, self.lam, alive)
 
-    def search_loss(self) -> torch.Tensor:
-        """w_type * [one-hot loss + c_type * sum sigmoid(S)]; 0 once finished."""
+    def search_loss(self, one_hot_weight: float = 1.0) -> torch.Tensor:
+        """w_type * [one-hot loss + c_type * sum sigmoid(S)]; 0 once finished.
+
+        `one_hot_weight` lets a method hold the one-hot pressure back (OFB does while the
+        expected MACs are far from the budget)."""
         if self.is_finished:
             return self.S.sum() * 0.0
-        oh = bimask.one_hot_loss(self.probs(), self.live)
+        oh = bimask.one_hot_loss(self.probs(), self.live) * one_hot_weight
         return self.loss_weight * (oh + self.l1_coef * torch.sigmoid(self.S).sum())
 
     def eliminate(self, factor: float = 0.2, slice_weights: bool = True,

@@ -115,6 +115,9 @@ class SearchConfig(_Section):
     lambda_start: float = Field(0.99, ge=0, le=1)
     lambda_end: float = Field(0.1, ge=0, le=1)
     macs_loss_weight: float = Field(5.0, ge=0)
+    macs_tolerance: float | None = Field(
+        0.02, gt=0, description="decide only while |expected - target| MACs <= this x dense MACs; "
+        "null = always (as published)")
     eliminations_per_epoch: int = Field(3, ge=1)
     elimination_factor: float = Field(0.2, gt=0, lt=1)
 
