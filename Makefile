@@ -31,8 +31,9 @@ test-fast: install data
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install data
+bench: install data  ## benchmark scripts: print measured ratios (not tests)
 	$(PY) bench/train_throughput.py
+	$(PY) bench/search_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache

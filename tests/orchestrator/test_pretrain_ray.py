@@ -19,9 +19,11 @@ pytestmark = pytest.mark.ray
 
 
 def _kill_one_train_worker() -> int:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[
+        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert actors, "no live Ray Train worker to kill"
     pid = actors[-1].pid
     os.kill(pid, signal.SIGKILL)

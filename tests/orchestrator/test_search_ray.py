@@ -1,0 +1,71 @@
+"""End to end on a real local Ray with 2 workers: pretrain -> OFB search (one worker killed
+mid-search, resumed from its checkpoint) -> subnet within 5% of the target MACs -> fine-tune."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.phases import run_finetune, run_pretrain, run_search
+from search_space.arch import ViTArch
+from search_space.cost import count_macs, measure_macs
+from search_space.subnet import load_subnet
+from tests.conftest import tiny_overrides
+from tests.orchestrator.test_pretrain_ray import _kill_one_train_worker
+
+pytestmark = pytest.mark.ray
+
+
+def test_search_survives_a_killed_worker_and_meets_the_budget(ray_cluster, tmp_path, fmnist_dir):
+    cfg = load_config(None, tiny_overrides(tmp_path, **{
+        "name": "e2e", "data.max_train_samples": 1280, "model.embed_dim": 48,
+        "model.num_heads": 4, "search.epochs": 12, "search.warmup_epochs": 0.5,
+        "search.alpha_lr": 0.05, "search.eliminations_per_epoch": 4, "search.budget": 0.5,
+        "finetune.epochs": 1, "scaling.max_failures": 2}))
+    dense = run_pretrain(cfg)
+    run_dir = cfg.run_dir / "ray" / "search-e2e"
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = run_search(cfg, dense)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            box["error"] = e
+
+    th = threading.Thread(target=target)
+    th.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.json")):
+        time.sleep(0.1)
+    assert list(run_dir.glob("checkpoint_*/state.json")), "no search checkpoint within 300 s"
+    time.sleep(0.5)
+    _kill_one_train_worker()
+    th.join(timeout=900)
+    assert not th.is_alive()
+    if "error" in box:
+        raise box["error"]
+    res = box["result"]
+    f = res.final
+    assert f["resumed_from_epoch"] >= 1, "the search restarted from scratch, not its checkpoint"
+    assert not f["note"], f"the search did not finish by elimination: {f['note']}"
+    assert f["macs"] == pytest.approx(0.5 * f["dense_macs"], rel=0.05)
+    hist = res.history
+    assert {"val_top1", "expected_macs", "current_macs", "live_candidates", "lambda",
+            "mask_ratio"} <= set(hist[0])
+    assert hist[-1]["live_candidates"] < hist[0]["live_candidates"]
+
+    model = load_subnet(res.subnet)
+    arch = ViTArch.from_dict(json.loads((res.subnet / "arch.json").read_text())["arch"])
+    assert count_macs(arch) == f["macs"]
+    assert measure_macs(model, arch) == pytest.approx(f["macs"], rel=0.01)
+    assert 0.0 <= f["test_top1_before_finetune"] <= 1.0
+    assert res.cost.device_hours > 0
+
+    tuned = run_finetune(cfg, res.subnet)
+    assert tuned.metrics["test_top1"] > 0.3 and (tuned.path / "model.safetensors").exists()
+    again = run_search(cfg, dense)  # finished phases are not run twice
+    assert again.final == f
