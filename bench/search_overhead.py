@@ -4,6 +4,8 @@
 (b) subnet inference throughput gain / MACs reduction at batch 64 (goal >= 0.95).
 
     python bench/search_overhead.py [--subnet runs/<name>/search/subnet] [--steps 30]
+    python bench/search_overhead.py --embed-dim 192 --depth 6 --num-heads 6 --img-size 32 \
+        --patch-size 4      # a larger ViT (65 tokens), where fixed per-op costs matter less
 
 Without --subnet, (b) uses a subnet from a synthetic finished search (argmax of random alpha).
 """
@@ -24,12 +26,21 @@ from trainers.config import SearchConfig
 from trainers.methods import get_method
 
 MODEL = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=128, depth=4,
-             num_heads=4)
+             num_heads=4)  # the built-in default
 
 
 def dense_model():
     torch.manual_seed(0)
     return build_vit("vit_tiny_patch16_224", **MODEL)
+
+
+def uniform_half(arch: ViTArch) -> ViTArch:
+    """Reference: every block at half its heads and half its MLP (a 'nice' 2x reduction)."""
+    from search_space.arch import BlockArch
+
+    blocks = tuple(BlockArch(max(b.num_heads // 2, 1), b.head_dim, b.mlp_hidden // 2)
+                   for b in arch.blocks)
+    return ViTArch(**{**arch.to_dict(), "blocks": blocks})
 
 
 def step_time(model, step_fn, x, y, steps: int) -> float:
@@ -60,12 +71,22 @@ def main() -> None:
     p.add_argument("--subnet", help="an exported subnet folder (default: a synthetic one)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--width-multiple", type=int, default=1, help="search.width_multiple")
+    p.add_argument("--embed-dim", type=int, default=MODEL["embed_dim"])
+    p.add_argument("--depth", type=int, default=MODEL["depth"])
+    p.add_argument("--num-heads", type=int, default=MODEL["num_heads"])
+    p.add_argument("--img-size", type=int, default=MODEL["img_size"])
+    p.add_argument("--patch-size", type=int, default=MODEL["patch_size"])
     a = p.parse_args()
-    x, y = torch.randn(a.batch, 1, 28, 28), torch.randint(0, 10, (a.batch,))
+    MODEL.update(embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads,
+                 img_size=a.img_size, patch_size=a.patch_size)
+    s = a.img_size
+    x, y = torch.randn(a.batch, 1, s, s), torch.randint(0, 10, (a.batch,))
 
     dense = dense_model()
     t_dense = step_time(dense, lambda m, x, y: F.cross_entropy(m(x), y), x, y, a.steps)
-    method = get_method("ofb")(SearchConfig(warmup_epochs=0), 100, ViTArch.from_timm(dense))
+    cfg = SearchConfig(warmup_epochs=0, width_multiple=a.width_multiple)
+    method = get_method("ofb")(cfg, 100, ViTArch.from_timm(dense))
     sn = method.wrap(dense_model())
 
     def search_step(m, x, y):
@@ -88,7 +109,7 @@ def main() -> None:
             m.finish()
         sub, arch = extract_subnet(sn)
     dense_arch = ViTArch.from_timm(dense)
-    xb = torch.randn(64, 1, 28, 28)
+    xb = torch.randn(64, 1, s, s)
     reps = max(a.steps, 20)
     thr_d, thr_s = throughput(dense, xb, reps), throughput(sub, xb, reps)
     mac_red = count_macs(dense_arch) / count_macs(arch)
@@ -97,8 +118,15 @@ def main() -> None:
           f"{count_macs(dense_arch) / 1e6:.2f} M: MACs reduction {mac_red:.2f}x, throughput "
           f"{thr_d:.0f} -> {thr_s:.0f} img/s = {gain:.2f}x; gain / reduction "
           f"{gain / mac_red:.3f} (goal >= 0.95)")
-    print("    blocks:", [(b.num_heads, b.head_dim, b.mlp_hidden) for b in arch.blocks],
-          "embed", arch.embed_dim)
+    print("    subnet blocks (heads, head dim, MLP):",
+          [(b.num_heads, b.head_dim, b.mlp_hidden) for b in arch.blocks], "embed", arch.embed_dim)
+    from search_space.subnet import build_from_arch
+
+    ref = uniform_half(dense_arch)
+    thr_r = throughput(build_from_arch(ref), xb, reps)
+    red_r = count_macs(dense_arch) / count_macs(ref)
+    print(f"    reference, uniformly halved heads and MLP: MACs reduction {red_r:.2f}x, "
+          f"throughput {thr_r / thr_d:.2f}x; gain / reduction {thr_r / thr_d / red_r:.3f}")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ def head_candidates(H: int) -> list[int]:
     return list(range(2, H + 1, 2)) if H >= 6 else list(range(1, H + 1))
 
 
-def dim_candidates(d: int) -> list[int]:
-    return linear_candidates(d, 0.25, max(d // 8, 1))
+def dim_candidates(d: int, multiple: int = 1) -> list[int]:
+    return linear_candidates(d, 0.25, max(d // 8, 1), multiple)
 
 
 class SearchableAttention(SearchableMixin, Attention):
@@ -40,7 +40,7 @@ class SearchableAttention(SearchableMixin, Attention):
     l1_coef = 4e-4
 
     @classmethod
-    def from_dense(cls, attn: Attention) -> SearchableAttention:
+    def from_dense(cls, attn: Attention, multiple: int = 1) -> SearchableAttention:
         for bad in ("gate",):
             if getattr(attn, bad, None) is not None:
                 raise ValueError(f"searchable attention does not support timm's {bad!r} option")
@@ -53,7 +53,7 @@ class SearchableAttention(SearchableMixin, Attention):
                   qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
                   attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p, device=dev)
         new.load_state_dict(attn.state_dict())
-        heads, dims = head_candidates(attn.num_heads), dim_candidates(attn.head_dim)
+        heads, dims = head_candidates(attn.num_heads), dim_candidates(attn.head_dim, multiple)
         cells = [(h, d) for h in heads for d in dims]
         new.register_buffer("cand_heads", torch.tensor([c[0] for c in cells], device=dev))
         new.register_buffer("cand_dims", torch.tensor([c[1] for c in cells], device=dev))
@@ -113,15 +113,31 @@ class SearchableAttention(SearchableMixin, Attention):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Masks scale weights, not activations: (W x + b) * m == (m W) x + m b, and a weight
+        # has far fewer entries than B*N activations, so the search step costs ~ a dense step.
+        m = self.mask().reshape(-1)  # (H*d,): the same mask on q, k and v
+        row = torch.cat([m, m, m])[:, None]  # (3*H*d, 1)
+        bias = self.qkv.bias * row[:, 0] if self.qkv.bias is not None else None
+        qkv = F.linear(x, self.qkv.weight * row, bias)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, d)
-        m = self.mask().to(q.dtype)[None, :, None, :]  # (1, H, 1, d)
-        q, k, v = q * m, k * m, v * m
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)  # (B, N, H*d)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(_linear_out(self.proj, x, self.stream_mask))
+
+
+def _linear_out(lin: torch.nn.Linear, x: torch.Tensor, out_mask: torch.Tensor | None,
+                in_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """lin(x * in_mask) * out_mask, with both masks folded into the weight and bias."""
+    w, b = lin.weight, lin.bias
+    if in_mask is not None:
+        w = w * in_mask[None, :]
+    if out_mask is not None:
+        w = w * out_mask[:, None]
+        b = b * out_mask if b is not None else None
+    return F.linear(x, w, b)
 
 
 class SearchableMlp(SearchableMixin, Mlp):
@@ -129,7 +145,7 @@ class SearchableMlp(SearchableMixin, Mlp):
     l1_coef = 1e-4
 
     @classmethod
-    def from_dense(cls, mlp: Mlp) -> SearchableMlp:
+    def from_dense(cls, mlp: Mlp, multiple: int = 1) -> SearchableMlp:
         if not isinstance(mlp.norm, torch.nn.Identity):
             raise ValueError("searchable MLP does not support timm's norm-in-MLP option")
         dev = mlp.fc1.weight.device
@@ -138,8 +154,8 @@ class SearchableMlp(SearchableMixin, Mlp):
                   device=dev)
         new.load_state_dict(mlp.state_dict())
         h = mlp.fc1.out_features
-        new.register_buffer("cand_widths", torch.tensor(linear_candidates(h, 0.25, h // 8),
-                                                        device=dev))
+        widths = linear_candidates(h, 0.25, h // 8, multiple)
+        new.register_buffer("cand_widths", torch.tensor(widths, device=dev))
         new._init_search((h,), len(new.cand_widths), dev)
         return new
 
@@ -175,5 +191,4 @@ class SearchableMlp(SearchableMixin, Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop1(self.act(self.fc1(x)))  # (B, N, h)
-        x = x * self.mask().to(x.dtype)
-        return self.drop2(self.fc2(x))
+        return self.drop2(_linear_out(self.fc2, x, self.stream_mask, self.mask()))

@@ -29,6 +29,9 @@ class SearchableMixin:
     # Set by the search loop before each forward (plain attributes, not state).
     lam: float = 1.0
     temperature: float = 1.0
+    # The embedding mask m_e for a module whose output joins the residual stream; set by
+    # SearchableViT for the duration of one forward.
+    stream_mask: torch.Tensor | None = None
 
     def _init_search(self, S_shape: tuple[int, ...], n_candidates: int,
                      device: torch.device | None) -> None:
@@ -121,10 +124,11 @@ def _first(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
-def linear_candidates(n: int, lo_frac: float, step: int) -> list[int]:
-    """range(n*lo_frac, n+1, step), always ending at n."""
+def linear_candidates(n: int, lo_frac: float, step: int, multiple: int = 1) -> list[int]:
+    """range(n*lo_frac, n+1, step), always ending at n; with `multiple` > 1 only widths that
+    are multiples of it (plus n itself): hardware-friendly widths run closer to their MACs."""
     step = max(step, 1)
-    out = list(range(max(int(n * lo_frac), 1), n + 1, step))
+    out = [w for w in range(max(int(n * lo_frac), 1), n + 1, step) if w % multiple == 0]
     return out if out and out[-1] == n else [*out, n]
 
 

@@ -6,9 +6,10 @@ can (a) insert PMIM's mask token into the patch sequence, (b) mask the residual 
 (c) return the final-norm patch tokens for PMIM's decoder, all in one pass.
 
 Embedding mask decision (the paper says: patch-embed output, pos-embed, cls and mask token): we
-apply m_e to the stream after the positional embedding (= to each of those), and also to every
-residual branch output (attention proj, MLP fc2), so a masked channel is exactly zero in the
-stream at every depth and a frozen m_e folds into those layers. Slicing the embedding is not
+apply m_e to each of those, and also to every residual branch output (attention proj, MLP fc2),
+so a masked channel is exactly zero in the stream at every depth and a frozen m_e folds into
+those layers. Every mask is applied to weights, not activations (equal results, and the search
+step then costs about what a dense step does). Slicing the embedding is not
 exactly output-preserving, because LayerNorm then normalises over the kept channels only
 (as published); attention and MLP slices are exact.
 """
@@ -16,6 +17,7 @@ exactly output-preserving, because LayerNorm then normalises over the kept chann
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -34,7 +36,7 @@ class SearchablePatchEmbed(SearchableMixin, PatchEmbed):
     l1_coef = 1e-4
 
     @classmethod
-    def from_dense(cls, pe: PatchEmbed) -> SearchablePatchEmbed:
+    def from_dense(cls, pe: PatchEmbed, multiple: int = 1) -> SearchablePatchEmbed:
         dev = pe.proj.weight.device
         new = cls(img_size=pe.img_size, patch_size=pe.patch_size, in_chans=pe.proj.in_channels,
                   embed_dim=pe.proj.out_channels, bias=pe.proj.bias is not None,
@@ -44,7 +46,7 @@ class SearchablePatchEmbed(SearchableMixin, PatchEmbed):
         new.load_state_dict(pe.state_dict())
         D = pe.proj.out_channels
         new.register_buffer("cand_widths", torch.tensor(
-            linear_candidates(D, 0.5, min(max(D // 32, 1), 12)), device=dev))
+            linear_candidates(D, 0.5, min(max(D // 32, 1), 12), multiple), device=dev))
         new._init_search((D,), len(new.cand_widths), dev)
         return new
 
@@ -75,14 +77,16 @@ class SearchablePatchEmbed(SearchableMixin, PatchEmbed):
 class SearchableViT(nn.Module):
     """OFB supernet around a timm VisionTransformer (class token, learned pos-embed)."""
 
-    def __init__(self, vit: VisionTransformer):
+    def __init__(self, vit: VisionTransformer, width_multiple: int = 1):
+        """`width_multiple` > 1 keeps only candidate widths (head dims, MLP, embedding) that
+        are multiples of it: such subnets realize more of their MACs saving as speed."""
         super().__init__()
         _check_supported(vit)
         self.dense_arch = ViTArch.from_timm(vit)
-        vit.patch_embed = SearchablePatchEmbed.from_dense(vit.patch_embed)
+        vit.patch_embed = SearchablePatchEmbed.from_dense(vit.patch_embed, width_multiple)
         for blk in vit.blocks:
-            blk.attn = SearchableAttention.from_dense(blk.attn)
-            blk.mlp = SearchableMlp.from_dense(blk.mlp)
+            blk.attn = SearchableAttention.from_dense(blk.attn, width_multiple)
+            blk.mlp = SearchableMlp.from_dense(blk.mlp, width_multiple)
         self.vit = vit
         D, p, C = vit.embed_dim, self.dense_arch.patch_size, self.dense_arch.in_chans
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -142,16 +146,27 @@ class SearchableViT(nn.Module):
         (logits, reconstruction (B, C, H, W)) for PMIM, all inside one forward (DDP-friendly).
         """
         v = self.vit
-        x = v.patch_embed(x)  # (B, N, D)
+        m_e = v.patch_embed.mask()  # (D,): folded into weights, never into activations
+        pe = v.patch_embed
+        bias = pe.proj.bias * m_e if pe.proj.bias is not None else None
+        x = F.conv2d(x, pe.proj.weight * m_e[:, None, None, None], bias,
+                     stride=pe.proj.stride)  # (B, D, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         if patch_mask is not None:
             w = patch_mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = v._pos_embed(x)  # (B, 1+N, D)
-        m_e = v.patch_embed.mask().to(x.dtype)  # (D,)
-        x = v.norm_pre(x * m_e)
+            x = x * (1 - w) + (self.mask_token * m_e).to(x.dtype) * w
+        cls = (v.cls_token * m_e).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + v.pos_embed * m_e  # (B, 1+N, D)
+        x = v.norm_pre(v.pos_drop(x))
         for blk in v.blocks:
-            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x)))) * m_e
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))) * m_e
+            blk.attn.stream_mask = blk.mlp.stream_mask = m_e
+        try:
+            for blk in v.blocks:
+                x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        finally:
+            for blk in v.blocks:
+                blk.attn.stream_mask = blk.mlp.stream_mask = None
         x = v.norm(x)
         logits = v.forward_head(x)
         if patch_mask is None:

@@ -110,6 +110,8 @@ class SearchConfig(_Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(5.0, gt=0)
     temperature: float = Field(1.0, gt=0, description="one-hot temperature: softmax(alpha / T)")
+    width_multiple: int = Field(1, ge=1, description="only candidate widths that are multiples"
+                                " of this (8: hardware-friendly); 1 = the published lists")
     mask_ratio: float = Field(0.25, ge=0, lt=1, description="PMIM ratio after the warm-up")
     mask_ratio_start: float = Field(0.05, ge=0, lt=1)
     lambda_start: float = Field(0.99, ge=0, le=1)

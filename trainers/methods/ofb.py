@@ -69,7 +69,7 @@ class OFB(SearchMethod):
 
     # --- interface ---------------------------------------------------------------------------
     def wrap(self, dense: nn.Module) -> SearchableViT:
-        return SearchableViT(dense)
+        return SearchableViT(dense, self.cfg.width_multiple)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         sn: SearchableViT = unwrap(model)
