@@ -62,9 +62,19 @@ class Config(TrainConfig):
         sweep with other per-trial resources must still hit the cache.
         """
         data = self.data.model_dump(exclude={"loader_workers", "eval_batch_size"})
-        blob = dict(model=self.model.model_dump(), data=data,
-                    recipe=self.pretrain.model_dump(exclude={"cache"}), seed=self.seed)
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+        return _hash(dict(model=self.model.model_dump(), data=data,
+                          recipe=self.pretrain.model_dump(exclude={"cache"}), seed=self.seed))
+
+    def search_key(self) -> str:
+        """Hash of what determines a search: the dense model and the search settings."""
+        return _hash(dict(dense=self.pretrain_key(), search=self.search.model_dump()))
+
+    def finetune_key(self) -> str:
+        return _hash(dict(search=self.search_key(), finetune=self.finetune.model_dump()))
+
+
+def _hash(blob: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -137,6 +137,19 @@ def run_pretrain(cfg: Config) -> PretrainResult:
     return out
 
 
+def _finished(out: Path, key: str, phase: str) -> dict[str, Any] | None:
+    """The saved result of a phase run with the same settings, else None (it runs again)."""
+    f = out / "result.json"
+    if not f.exists():
+        return None
+    blob = json.loads(f.read_text())
+    if blob.get("key") != key:
+        print(f"[{phase}] {out} holds a run with other settings: running again", flush=True)
+        return None
+    print(f"[{phase}] already done with these settings: {out}", flush=True)
+    return blob
+
+
 @dataclass
 class SearchResult:
     subnet: Path  # arch.json + model.safetensors
@@ -147,13 +160,11 @@ class SearchResult:
 
 def run_search(cfg: Config, dense: PretrainResult) -> SearchResult:
     """Search from the dense weights; the subnet lands in `<run_dir>/search/subnet/`."""
-    out = cfg.run_dir / "search"
-    if (out / "result.json").exists():
-        blob = json.loads((out / "result.json").read_text())
-        print(f"[search] already done: {out}", flush=True)
+    out, key = cfg.run_dir / "search", cfg.search_key()
+    if (blob := _finished(out, key, "search")) is not None:
         return SearchResult(out / SUBNET_DIR, blob["final"], blob["history"],
                             PhaseCost(**blob["cost"]))
-    name = f"search-{cfg.name}"
+    name = f"search-{key}"
     print(f"[search] {cfg.search.method} on {cfg.scaling.num_workers} worker(s), target "
           f"{cfg.search.target_gmacs or cfg.search.budget} "
           f"{'GMACs' if cfg.search.target_gmacs else 'x dense MACs'} (run {name})", flush=True)
@@ -164,7 +175,7 @@ def run_search(cfg: Config, dense: PretrainResult) -> SearchResult:
     with result.checkpoint.as_directory() as d:
         blob = json.loads((Path(d) / "state.json").read_text())
         cost = PhaseCost(kind, devices, blob["final"]["elapsed_s"], wall)
-        blob["cost"] = asdict(cost)
+        blob.update(cost=asdict(cost), key=key)
 
         def fill(tmp: Path) -> None:
             shutil.copytree(Path(d) / SUBNET_DIR, tmp / SUBNET_DIR)
@@ -183,20 +194,18 @@ class FinetuneResult:
 
 def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
     """Fine-tune an exported subnet with `cfg.finetune`; weights in `<run_dir>/finetune/`."""
-    out = cfg.run_dir / "finetune"
-    if (out / "result.json").exists():
-        blob = json.loads((out / "result.json").read_text())
-        print(f"[finetune] already done: {out}", flush=True)
+    out, key = cfg.run_dir / "finetune", cfg.finetune_key()
+    if (blob := _finished(out, key, "finetune")) is not None:
         return FinetuneResult(out, blob["metrics"], PhaseCost(**blob["cost"]))
     print(f"[finetune] {cfg.finetune.epochs:g} epoch(s) of the subnet", flush=True)
     result, wall = fit_phase(cfg, supervised_loop, {"train": cfg.worker_dict(),
                                                     "phase": "finetune", "init": str(subnet)},
-                             f"finetune-{cfg.name}", cfg.run_dir / "ray")
+                             f"finetune-{key}", cfg.run_dir / "ray")
     kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
         cost = PhaseCost(kind, devices, state["elapsed_s"], wall)
-        blob = {"metrics": state["metrics"], "cost": asdict(cost)}
+        blob = {"metrics": state["metrics"], "cost": asdict(cost), "key": key}
 
         def fill(tmp: Path) -> None:
             shutil.copy2(Path(d) / "model.safetensors", tmp / "model.safetensors")

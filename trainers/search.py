@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,11 @@ def search_loop(config: dict[str, Any]) -> None:
 
     start_epoch, elapsed, resumed_from, history = 0, 0.0, 0, []
     with worker.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is not None and (ckpt_dir / SUBNET_DIR).is_dir():  # already extracted
+            final = json.loads((ckpt_dir / STATE_FILE).read_text())["final"]
+            worker.report(env, final, lambda d, src=ckpt_dir: shutil.copytree(
+                src, d, dirs_exist_ok=True))
+            return
         if ckpt_dir is not None:
             optimizer, scheduler, state = _restore(ckpt_dir, method, model, make_optimizer)
             start_epoch, elapsed = state["epoch"] + 1, state["elapsed_s"]

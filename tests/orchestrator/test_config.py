@@ -83,3 +83,12 @@ def test_cli_dry_run_prints_resolved_config(tmp_path):
     r = _run("--dry-run", f"output_dir={tmp_path}", "pretrain.epochs=1")
     assert r.returncode == 0, r.stderr
     assert "epochs: 1" in r.stdout and "M MACs/image" in r.stdout
+
+
+def test_phase_keys_follow_their_settings():
+    a = load_config(None, [])
+    b = load_config(None, ["search.budget=0.3"])
+    c = load_config(None, ["finetune.epochs=3", "scaling.num_workers=1"])
+    assert a.search_key() != b.search_key() and a.finetune_key() != b.finetune_key()
+    assert a.search_key() == c.search_key() and a.finetune_key() != c.finetune_key()
+    assert a.pretrain_key() == b.pretrain_key()

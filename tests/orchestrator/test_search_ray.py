@@ -27,7 +27,7 @@ def test_search_survives_a_killed_worker_and_meets_the_budget(ray_cluster, tmp_p
         "search.alpha_lr": 0.05, "search.eliminations_per_epoch": 4, "search.budget": 0.5,
         "finetune.epochs": 1, "scaling.max_failures": 2}))
     dense = run_pretrain(cfg)
-    run_dir = cfg.run_dir / "ray" / "search-e2e"
+    run_dir = cfg.run_dir / "ray" / f"search-{cfg.search_key()}"
     box: dict = {}
 
     def target() -> None:
