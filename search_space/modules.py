@@ -18,12 +18,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 
 from search_space import bimask
-from search_space.searchable import (
-    SearchableMixin,
-    SurvivalByRank,
-    linear_candidates,
-    topk_units,
-)
+from search_space.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
 from search_space.slicing import along, slice_linear_, slice_param_
 
 
@@ -140,7 +135,7 @@ def _linear_out(lin: torch.nn.Linear, x: torch.Tensor, out_mask: torch.Tensor | 
     return F.linear(x, w, b)
 
 
-class SearchableMlp(SearchableMixin, Mlp):
+class SearchableMlp(VectorUnits, Mlp):
     kind = "mlp"
     l1_coef = 1e-4
 
@@ -154,21 +149,8 @@ class SearchableMlp(SearchableMixin, Mlp):
                   device=dev)
         new.load_state_dict(mlp.state_dict())
         h = mlp.fc1.out_features
-        widths = linear_candidates(h, 0.25, h // 8, multiple)
-        new.register_buffer("cand_widths", torch.tensor(widths, device=dev))
-        new._init_search((h,), len(new.cand_widths), dev)
+        new._init_widths(linear_candidates(h, 0.25, h // 8, multiple), dev)
         return new
-
-    def _widest(self) -> tuple[int]:
-        return (int(self.cand_widths[self.live].max()),)
-
-    def _survival(self, p):
-        return SurvivalByRank.survival_1d(self.S, p, self.cand_widths, self.live)
-
-    def expected_width(self) -> torch.Tensor:
-        if self.is_finished:
-            return torch.tensor(float(self.fc1.out_features), device=self.S.device)
-        return (self.probs() * self.cand_widths.to(self.S.dtype)).sum()
 
     def _slice_units(self, optimizer) -> None:
         (w,) = self._widest()

@@ -132,17 +132,30 @@ def linear_candidates(n: int, lo_frac: float, step: int, multiple: int = 1) -> l
     return out if out and out[-1] == n else [*out, n]
 
 
-class SurvivalByRank:
-    """1-D survival helper for modules whose units are one vector (MLP hidden, embedding)."""
+class VectorUnits(SearchableMixin):
+    """Modules whose units are one vector of widths (MLP hidden, embedding): candidates are
+    widths, S has shape (n,), and unit u survives iff its rank by S is below the width."""
 
-    @staticmethod
-    def survival_1d(S: torch.Tensor, p: torch.Tensor, widths: torch.Tensor,
-                    live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = S.shape[0]
-        W = bimask.survival(p, widths, n)  # (n,)
-        r = bimask.rank_of(S)
-        widest = int(widths[live].max())
-        return W[r], r < widest
+    def _init_widths(self, widths: list[int], device: torch.device | None) -> None:
+        self.register_buffer("cand_widths", torch.tensor(widths, device=device))
+        self._init_search((widths[-1],), len(widths), device)
+
+    def n_units(self) -> int:
+        """The current physical width."""
+        return self.S.shape[0]
+
+    def _widest(self) -> tuple[int]:
+        return (int(self.cand_widths[self.live].max()),)
+
+    def _survival(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        W = bimask.survival(p, self.cand_widths, self.n_units())  # (n,)
+        r = bimask.rank_of(self.S)
+        return W[r], r < self._widest()[0]
+
+    def expected_width(self) -> torch.Tensor:
+        if self.is_finished:
+            return torch.tensor(float(self.n_units()), device=self.S.device)
+        return (self.probs() * self.cand_widths.to(self.S.dtype)).sum()
 
 
 def topk_units(S: torch.Tensor, k: int) -> torch.Tensor:

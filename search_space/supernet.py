@@ -25,11 +25,11 @@ from torch import nn
 from search_space.arch import BlockArch, ViTArch
 from search_space.cost import attn_macs, mlp_macs, stem_head_macs
 from search_space.modules import SearchableAttention, SearchableMlp
-from search_space.searchable import SearchableMixin, SurvivalByRank, linear_candidates, topk_units
+from search_space.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
 from search_space.slicing import along, slice_layernorm_, slice_linear_, slice_param_
 
 
-class SearchablePatchEmbed(SearchableMixin, PatchEmbed):
+class SearchablePatchEmbed(VectorUnits, PatchEmbed):
     """Patch embedding whose output width (the whole residual stream) is searched."""
 
     kind = "embed"
@@ -45,21 +45,8 @@ class SearchablePatchEmbed(SearchableMixin, PatchEmbed):
             raise ValueError("searchable patch embedding does not support a norm layer")
         new.load_state_dict(pe.state_dict())
         D = pe.proj.out_channels
-        new.register_buffer("cand_widths", torch.tensor(
-            linear_candidates(D, 0.5, min(max(D // 32, 1), 12), multiple), device=dev))
-        new._init_search((D,), len(new.cand_widths), dev)
+        new._init_widths(linear_candidates(D, 0.5, min(max(D // 32, 1), 12), multiple), dev)
         return new
-
-    def _widest(self) -> tuple[int]:
-        return (int(self.cand_widths[self.live].max()),)
-
-    def _survival(self, p):
-        return SurvivalByRank.survival_1d(self.S, p, self.cand_widths, self.live)
-
-    def expected_width(self) -> torch.Tensor:
-        if self.is_finished:
-            return torch.tensor(float(self.proj.out_channels), device=self.S.device)
-        return (self.probs() * self.cand_widths.to(self.S.dtype)).sum()
 
     def _slice_units(self, optimizer) -> None:
         (w,) = self._widest()

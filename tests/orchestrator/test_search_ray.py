@@ -4,8 +4,6 @@ mid-search, resumed from its checkpoint) -> subnet within 5% of the target MACs 
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -15,7 +13,7 @@ from search_space.arch import ViTArch
 from search_space.cost import count_macs, measure_macs
 from search_space.subnet import load_subnet
 from tests.conftest import tiny_overrides
-from tests.orchestrator.test_pretrain_ray import _kill_one_train_worker
+from tests.orchestrator.faults import run_and_kill_after_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -28,27 +26,7 @@ def test_search_survives_a_killed_worker_and_meets_the_budget(ray_cluster, tmp_p
         "finetune.epochs": 1, "scaling.max_failures": 2}))
     dense = run_pretrain(cfg)
     run_dir = cfg.run_dir / "ray" / f"search-{cfg.search_key()}"
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["result"] = run_search(cfg, dense)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            box["error"] = e
-
-    th = threading.Thread(target=target)
-    th.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.json")):
-        time.sleep(0.1)
-    assert list(run_dir.glob("checkpoint_*/state.json")), "no search checkpoint within 300 s"
-    time.sleep(0.5)
-    _kill_one_train_worker()
-    th.join(timeout=900)
-    assert not th.is_alive()
-    if "error" in box:
-        raise box["error"]
-    res = box["result"]
+    res = run_and_kill_after_checkpoint(lambda: run_search(cfg, dense), run_dir)
     f = res.final
     assert f["resumed_from_epoch"] >= 1, "the search restarted from scratch, not its checkpoint"
     assert not f["note"], f"the search did not finish by elimination: {f['note']}"
