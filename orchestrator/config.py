@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from orchestrator.sweep_space import SweepConfig
 from trainers.config import TrainConfig, _Section
 from trainers.methods import list_methods
 
@@ -39,6 +40,7 @@ class Config(TrainConfig):
     output_dir: str = "./runs"
     cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
     ray: RayConfig = Field(default_factory=RayConfig)
+    sweep: SweepConfig | None = Field(None, description="absent: one trial; present: a sweep")
 
     @property
     def run_dir(self) -> Path:
@@ -54,6 +56,37 @@ class Config(TrainConfig):
         if self.search.method not in list_methods():
             raise ValueError(f"search.method={self.search.method!r}; allowed: {list_methods()}")
         return self
+
+    @model_validator(mode="after")
+    def _sweep_keys_exist(self) -> Config:
+        """Every swept key must name a real setting and accept the values it will be given."""
+        if self.sweep is None:
+            return self
+        base = self.model_dump(exclude={"sweep"})
+        for key, d in self.sweep.space.items():
+            samples = d.values if d.type == "choice" else [d.low, d.high]
+            for value in samples:
+                tree = json.loads(json.dumps(base))
+                if d.type == "randint":
+                    value = int(value)
+                try:
+                    _set_dotted(tree, key, value)
+                    TrainConfig.model_validate({k: tree[k] for k in TrainConfig.model_fields})
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    why = ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+                    raise ValueError(f"sweep.space[{key!r}] = {value!r} is not a valid setting "
+                                     f"({'.'.join(map(str, err['loc']))}: {why})") from None
+                except ConfigError as e:
+                    raise ValueError(f"sweep.space[{key!r}]: {e}") from None
+        return self
+
+    def with_overrides(self, params: dict[str, Any]) -> Config:
+        """A copy with dotted `params` applied (a trial's sampled hyperparameters)."""
+        tree = self.model_dump()
+        for key, value in params.items():
+            _set_dotted(tree, key, value)
+        return validate(tree)
 
     def pretrain_key(self) -> str:
         """Hash of everything that determines the dense model: model, data, recipe, seed.

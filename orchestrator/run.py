@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{resources.get('GPU', 0):g} GPU; outputs in {run_dir}", flush=True)
     dense = run_pretrain(cfg)
     summary: dict = {"pretrain": dense.summary()}
+    if cfg.sweep is not None:
+        return _sweep(cfg, dense, resources, summary)
     if cfg.pipeline == "search":
         search = run_search(cfg, dense)
         tuned = run_finetune(cfg, search.subnet)
@@ -88,6 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
     print_summary(cfg, summary)
     print(f"  summary      {run_dir / 'result.json'}")
+    return 0
+
+
+def _sweep(cfg: Config, dense, resources: dict, summary: dict) -> int:
+    from orchestrator.sweep import format_table, pareto_front, run_sweep
+
+    rows = run_sweep(cfg, dense, resources)
+    front = pareto_front(rows, cfg.sweep.objectives)
+    summary["sweep"] = {"trials": rows, "pareto_front": front}
+    (cfg.run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    keys = ["trial_id", *cfg.sweep.space, "top1", "top1_before_finetune", "macs", "params",
+            "search_device_hours"]
+    print(f"\n== sweep {cfg.name}: {len(rows)} finished trial(s) ==")
+    print(format_table(sorted(rows, key=lambda r: r.get("macs", 0)), keys))
+    print(f"\n== Pareto front ({', '.join(f'{o.mode} {o.metric}' for o in cfg.sweep.objectives)})"
+          " ==")
+    print(format_table(front, keys))
+    print(f"\n  dense        {_pct(dense.metrics.get('test_top1'))} top-1 (test), "
+          f"{dense.cost.device_hours:.4f} {dense.cost.device_kind}-hours, shared by every trial")
+    print(f"  summary      {cfg.run_dir / 'result.json'}")
     return 0
 
 

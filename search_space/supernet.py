@@ -78,8 +78,10 @@ class SearchableViT(nn.Module):
         D, p, C = vit.embed_dim, self.dense_arch.patch_size, self.dense_arch.in_chans
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        # PMIM decoder: 1x1 conv D -> p*p*C, then PixelShuffle(p) back to image resolution.
-        self.decoder = nn.Sequential(nn.Conv2d(D, p * p * C, 1), nn.PixelShuffle(p))
+        # PMIM decoder: a 1x1 conv D -> p*p*C (written as a Linear on the tokens: the same map,
+        # and DDP-friendly gradient strides), then PixelShuffle(p) back to image resolution.
+        self.decoder = nn.Linear(D, p * p * C)
+        self.shuffle = nn.PixelShuffle(p)
         object.__setattr__(vit.patch_embed, "owner_slice", self._slice_embed)
 
     # --- the searchable modules ------------------------------------------------------------
@@ -162,10 +164,10 @@ class SearchableViT(nn.Module):
 
     def reconstruct(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """PMIM decoder: (B, N, D) -> (B, C, H, W)."""
-        B, N, D = patch_tokens.shape
+        B, N, _ = patch_tokens.shape
         g = int(N**0.5)
-        z = patch_tokens.transpose(1, 2).reshape(B, D, g, g)  # (B, D, h, w)
-        return self.decoder(z)
+        z = self.decoder(patch_tokens)  # (B, N, p*p*C)
+        return self.shuffle(z.transpose(1, 2).reshape(B, -1, g, g))  # (B, C, H, W)
 
     def freeze_decoder(self) -> None:
         for p in self.decoder_params():
@@ -216,8 +218,7 @@ class SearchableViT(nn.Module):
                 slice_layernorm_(norm, keep, optimizer)
         if isinstance(v.head, nn.Linear):
             slice_linear_(v.head, keep, 1, optimizer)
-        slice_param_(self.decoder[0], "weight", along(1, keep), optimizer)
-        self.decoder[0].in_channels = len(keep)
+        slice_linear_(self.decoder, keep, 1, optimizer)
         v.embed_dim = v.num_features = len(keep)
 
 

@@ -1,0 +1,151 @@
+"""A Ray Tune sweep of searches, sampled by Optuna: one trial = search -> fine-tune -> eval.
+
+Layout (Ray Train V2 with Tune): each Tune trial runs a small function (the trial driver, a
+tiny CPU request) that builds the Ray Train runs of its phases and reports their results with
+`ray.tune.report`. The dense model is trained (or found cached) once, before the sweep, and
+every trial starts from it. Trial outputs go to `<output_dir>/<name>/trials/<trial_id>/`; Train
+run names come from the trial's settings, so a restored trial resumes its checkpoints.
+
+Resume: running the same command again restores the Tune experiment (`Tuner.restore`): finished
+trials are kept, unfinished ones resume. The Optuna study lives in an SQLite file beside it
+(`<output_dir>/<name>/optuna.db`, study name = sweep name) so it can be inspected with Optuna.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from orchestrator.config import Config
+from orchestrator.phases import PretrainResult, load_cached, run_finetune, run_search
+from orchestrator.sweep_space import to_optuna
+
+DRIVER_CPU = 0.01  # the trial driver only waits on its Train runs
+
+
+def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
+                 trials_dir: str) -> None:
+    """One trial: the sampled `params` (dotted keys) applied to the sweep's base config."""
+    trial_id = tune.get_context().get_trial_id()
+    cfg = Config.model_validate(base).with_overrides(
+        {**params, "name": f"trial-{trial_id}", "output_dir": trials_dir})
+    dense = load_cached(Path(dense_dir))
+    if dense is None:
+        raise FileNotFoundError(f"the sweep's dense model is missing from {dense_dir}")
+    search = run_search(cfg, dense)
+    f = search.final
+    tune.report({"phase": "search", "macs": f["macs"], "params": f["params"],
+                 "top1_before_finetune": f["test_top1_before_finetune"]})
+    tuned = run_finetune(cfg, search.subnet)
+    tune.report({
+        "phase": "done", "top1": tuned.metrics["test_top1"], "macs": f["macs"],
+        "params": f["params"], "dense_macs": f["dense_macs"],
+        "top1_before_finetune": f["test_top1_before_finetune"],
+        "search_device_hours": search.cost.device_hours,
+        "finetune_device_hours": tuned.cost.device_hours,
+        "device_kind": search.cost.device_kind, "subnet_path": str(search.subnet),
+        "search_note": f.get("note", ""),
+    })
+
+
+def trials_that_fit(cfg: Config, resources: dict[str, float]) -> int:
+    """How many trials run at once: the cluster's CPUs (GPUs) over one trial's needs."""
+    s = cfg.scaling
+    fit = int(resources.get("CPU", 0) // (s.num_workers * s.cpus_per_worker))
+    if s.use_gpu:
+        fit = min(fit, int(resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+    if fit < 1:
+        raise ValueError(
+            f"one trial needs {s.num_workers} x {s.cpus_per_worker:g} CPU"
+            + (f" and {s.num_workers} x {s.gpus_per_worker:g} GPU" if s.use_gpu else "")
+            + f"; the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} "
+            "GPU: lower scaling.num_workers or scaling.cpus_per_worker")
+    wanted = cfg.sweep.max_concurrent_trials if cfg.sweep else None
+    return min(fit, wanted) if wanted else fit
+
+
+def _search_alg(cfg: Config, sweep_dir: Path):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sw = cfg.sweep
+    metrics = [o.metric for o in sw.objectives]
+    modes = [o.mode for o in sw.objectives]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
+    sampler = (optuna.samplers.NSGAIISampler(seed=sw.seed) if len(metrics) > 1
+               else optuna.samplers.TPESampler(seed=sw.seed))
+    return OptunaSearch(
+        space=to_optuna(sw.space), metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=sw.points_to_evaluate
+        or None, sampler=sampler, study_name=cfg.name, storage=storage, seed=None)
+
+
+def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -> list[dict]:
+    """Run (or resume) the sweep; returns one row per finished trial."""
+    if cfg.sweep is None:
+        raise ValueError("run_sweep needs a config with a `sweep` section")
+    sweep_dir = cfg.run_dir
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, base=cfg.model_dump(), dense_dir=str(dense.path),
+                             trials_dir=str(sweep_dir / "trials")),
+        {"CPU": DRIVER_CPU})
+    concurrent = trials_that_fit(cfg, resources)
+    path = sweep_dir / "tune" / cfg.name
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[sweep] resuming {path}", flush=True)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        print(f"[sweep] {cfg.sweep.num_samples} trial(s), up to {concurrent} at once, "
+              f"objectives {[(o.metric, o.mode) for o in cfg.sweep.objectives]}", flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_search_alg(cfg, sweep_dir),
+                                        num_samples=cfg.sweep.num_samples,
+                                        max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=str(sweep_dir / "tune"),
+                failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_max_failures),
+                verbose=1),
+        )
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        if m.get("phase") != "done":
+            continue
+        params = {k: v for k, v in (r.config or {}).items() if k in cfg.sweep.space}
+        rows.append({"trial_id": m.get("trial_id"), **params,
+                     **{k: m[k] for k in ("top1", "macs", "params", "top1_before_finetune",
+                                          "search_device_hours", "finetune_device_hours",
+                                          "subnet_path", "search_note") if k in m}})
+    return rows
+
+
+def pareto_front(rows: list[dict], objectives: list[Any]) -> list[dict]:
+    """Rows not dominated by any other row under the sweep's objectives."""
+    def better_or_equal(a: dict, b: dict) -> bool:
+        return all((a[o.metric] >= b[o.metric]) if o.mode == "max" else
+                   (a[o.metric] <= b[o.metric]) for o in objectives)
+
+    front = [r for r in rows if not any(
+        better_or_equal(o, r) and any(o[x.metric] != r[x.metric] for x in objectives)
+        for o in rows if o is not r)]
+    return sorted(front, key=lambda r: r.get("macs", 0))
+
+
+def format_table(rows: list[dict], keys: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v / 1e6:.2f}M"
+        if isinstance(v, int) and v >= 10**5:
+            return f"{v / 1e6:.2f}M"
+        return str(v)
+
+    table = [keys] + [[cell(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+                     for row in table)

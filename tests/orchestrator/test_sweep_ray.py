@@ -1,0 +1,67 @@
+"""A real Tune + Optuna sweep of tiny OFB searches on the session's local Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config
+from orchestrator.phases import run_pretrain
+from orchestrator.sweep import pareto_front, run_sweep, trials_that_fit
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.ray
+
+SPACE = {
+    "search.temperature": {"type": "loguniform", "low": 0.5, "high": 2.0},
+    "search.mask_ratio": {"type": "uniform", "low": 0.1, "high": 0.4},
+    "search.budget": {"type": "choice", "values": [0.4, 0.6]},
+}
+
+
+def _cfg(tmp_path, **extra):
+    over = tiny_overrides(tmp_path, **{
+        "name": "sw", "data.max_train_samples": 640, "search.epochs": 6,
+        "search.warmup_epochs": 0.5, "search.alpha_lr": 0.05,
+        "search.eliminations_per_epoch": 4, "finetune.epochs": 0.5, **extra})
+    over += ["sweep.num_samples=3", f"sweep.space={json.dumps(SPACE)}",
+             'sweep.points_to_evaluate=[{"search.temperature": 1.0, "search.mask_ratio": 0.25, '
+             '"search.budget": 0.6}]']
+    return load_config(None, over)
+
+
+def test_three_trial_sweep(ray_cluster, tmp_path, fmnist_dir):
+    cfg = _cfg(tmp_path)
+    dense = run_pretrain(cfg)
+    rows = run_sweep(cfg, dense, ray_cluster)
+    assert len(rows) == 3
+    for r in rows:
+        assert set(SPACE) <= set(r), r
+        assert r["macs"] > 0 and r["params"] > 0 and 0 <= r["top1"] <= 1
+        assert r["search_device_hours"] > 0 and r["finetune_device_hours"] > 0
+    first = [r for r in rows if r["search.temperature"] == 1.0]
+    assert first and first[0]["search.budget"] == 0.6  # points_to_evaluate ran
+    assert (cfg.run_dir / "optuna.db").stat().st_size > 0
+    front = pareto_front(rows, cfg.sweep.objectives)
+    assert 1 <= len(front) <= 3
+    for r in rows:  # nothing beats a front member on both objectives
+        for f in front:
+            assert not (r["top1"] > f["top1"] and r["macs"] < f["macs"])
+    again = run_sweep(cfg, dense, ray_cluster)  # the same command resumes: nothing reruns
+    assert sorted(r["trial_id"] for r in again) == sorted(r["trial_id"] for r in rows)
+
+
+def test_sweep_validation_and_fit(tmp_path):
+    with pytest.raises(ConfigError, match="model.depth.*cannot be swept"):
+        load_config(None, ['sweep.space={"model.depth": {"type": "choice", "values": [2]}}'])
+    with pytest.raises(ConfigError, match="search.temprature: unknown key"):
+        load_config(None, ['sweep.space={"search.temprature": '
+                           '{"type": "uniform", "low": 0.1, "high": 1}}'])
+    with pytest.raises(ConfigError, match="low < high"):
+        load_config(None, ['sweep.space={"search.mask_ratio": '
+                           '{"type": "uniform", "low": 0.4, "high": 0.1}}'])
+    cfg = _cfg(tmp_path)
+    assert trials_that_fit(cfg, {"CPU": 2}) == 1 and trials_that_fit(cfg, {"CPU": 8}) == 4
+    with pytest.raises(ValueError, match="one trial needs 2 x 1 CPU"):
+        trials_that_fit(cfg, {"CPU": 1})
