@@ -1,8 +1,9 @@
 """A Ray Tune sweep of searches, sampled by Optuna: one trial = search -> fine-tune -> eval.
 
-Layout (Ray Train V2 with Tune): each Tune trial runs a small function (the trial driver, a
-tiny CPU request) that builds the Ray Train runs of its phases and reports their results with
-`ray.tune.report`. The dense model is trained (or found cached) once, before the sweep, and
+Layout (Ray Train V2 with Tune): each Tune trial runs a small function (the trial driver, no
+CPU request) that builds the Ray Train runs of its phases and reports their results with
+`ray.tune.report` once, at the end (Tune checks that every report holds the objectives).
+The dense model is trained (or found cached) once, before the sweep, and
 every trial starts from it. Trial outputs go to `<output_dir>/<name>/trials/<trial_id>/`; Train
 run names come from the trial's settings, so a restored trial resumes its checkpoints.
 
@@ -22,7 +23,9 @@ from orchestrator.config import Config
 from orchestrator.phases import PretrainResult, load_cached, run_finetune, run_search
 from orchestrator.sweep_space import to_optuna
 
-DRIVER_CPU = 0.01  # the trial driver only waits on its Train runs
+# The trial driver only waits on its Train runs. It asks for memory and no CPU: any CPU share
+# (even 0.01) on top of 2 workers x 1 CPU never fits a 2-core machine, and {"CPU": 0} raises.
+DRIVER_RESOURCES = {"memory": 64 * 1024**2}
 
 
 def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
@@ -36,8 +39,6 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
         raise FileNotFoundError(f"the sweep's dense model is missing from {dense_dir}")
     search = run_search(cfg, dense)
     f = search.final
-    tune.report({"phase": "search", "macs": f["macs"], "params": f["params"],
-                 "top1_before_finetune": f["test_top1_before_finetune"]})
     tuned = run_finetune(cfg, search.subnet)
     tune.report({
         "phase": "done", "top1": tuned.metrics["test_top1"], "macs": f["macs"],
@@ -91,7 +92,7 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=cfg.model_dump(), dense_dir=str(dense.path),
                              trials_dir=str(sweep_dir / "trials")),
-        {"CPU": DRIVER_CPU})
+        DRIVER_RESOURCES)
     concurrent = trials_that_fit(cfg, resources)
     path = sweep_dir / "tune" / cfg.name
     if tune.Tuner.can_restore(str(path)):
