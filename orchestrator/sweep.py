@@ -14,6 +14,7 @@ trials are kept, unfinished ones resume. The Optuna study lives in an SQLite fil
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ DRIVER_RESOURCES = {"memory": 64 * 1024**2}
 def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
                  trials_dir: str) -> None:
     """One trial: the sampled `params` (dotted keys) applied to the sweep's base config."""
+    t0 = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
     cfg = Config.model_validate(base).with_overrides(
         {**params, "name": f"trial-{trial_id}", "output_dir": trials_dir})
@@ -40,14 +42,22 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
     search = run_search(cfg, dense)
     f = search.final
     tuned = run_finetune(cfg, search.subnet)
+    wall = time.perf_counter() - t0
+    loops = search.cost.worker_seconds + tuned.cost.worker_seconds
+    top1 = tuned.metrics["test_top1"]
+    sw = Config.model_validate(base).sweep
+    feasible = sw.max_macs is None or f["macs"] <= sw.max_macs
     tune.report({
-        "phase": "done", "top1": tuned.metrics["test_top1"], "macs": f["macs"],
+        "phase": "done", "macs": f["macs"], "feasible": feasible,
+        # single-objective with a MACs constraint: an infeasible trial ranks below all others
+        "top1": top1 if feasible else top1 - 1.0, "top1_test": top1,
         "params": f["params"], "dense_macs": f["dense_macs"],
         "top1_before_finetune": f["test_top1_before_finetune"],
         "search_device_hours": search.cost.device_hours,
         "finetune_device_hours": tuned.cost.device_hours,
         "device_kind": search.cost.device_kind, "subnet_path": str(search.subnet),
-        "search_note": f.get("note", ""),
+        "search_note": f.get("note", ""), "node_id": f.get("node_id", ""),
+        "trial_wall_s": wall, "trial_overhead_s": wall - loops,
     })
 
 
@@ -120,9 +130,11 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
             continue
         params = {k: v for k, v in (r.config or {}).items() if k in cfg.sweep.space}
         rows.append({"trial_id": m.get("trial_id"), **params,
-                     **{k: m[k] for k in ("top1", "macs", "params", "top1_before_finetune",
-                                          "search_device_hours", "finetune_device_hours",
-                                          "subnet_path", "search_note") if k in m}})
+                     **{k: m[k] for k in ("top1", "top1_test", "feasible", "macs", "params",
+                                          "top1_before_finetune", "search_device_hours",
+                                          "finetune_device_hours", "trial_wall_s",
+                                          "trial_overhead_s", "node_id", "subnet_path",
+                                          "search_note") if k in m}})
     return rows
 
 

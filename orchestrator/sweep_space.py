@@ -80,6 +80,10 @@ class SweepConfig(_Section):
                                  f"not in sweep.space {sorted(self.space)}")
         if len(self.objectives) < 1:
             raise ValueError("sweep.objectives needs at least one objective")
+        if self.max_macs is not None and (len(self.objectives) != 1
+                                          or self.objectives[0].metric != "top1"):
+            raise ValueError("sweep.max_macs goes with one objective, top1 (max); with several "
+                             "objectives the Pareto front already trades top-1 against MACs")
         return self
 
 

@@ -131,7 +131,7 @@ def search_loop(config: dict[str, Any]) -> None:
     final: dict[str, Any] = {"phase": "search_done", "epoch": len(history),
                              "macs": cost.macs, "params": cost.params,
                              "dense_macs": cost_of(dense_arch).macs, "note": note,
-                             "resumed_from_epoch": resumed_from}
+                             "resumed_from_epoch": resumed_from, "node_id": worker.node_id()}
     if splits.val is not None:
         final["val_top1_before_finetune"] = eval_split(subnet, splits.val, cfg, env)["top1"]
     final["test_top1_before_finetune"] = eval_split(subnet, splits.test, cfg, env)["top1"]

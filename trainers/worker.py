@@ -46,6 +46,13 @@ def setup_worker(scaling: Any, seed: int) -> WorkerEnv:
                      resolve_precision(scaling.precision, device))
 
 
+def node_id() -> str:
+    """The Ray node this worker runs on (so a sweep can show where its trials ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def prepare_model(model: nn.Module) -> nn.Module:
     """Move to the worker's device and wrap in DDP when there is more than one worker."""
     return ray.train.torch.prepare_model(model)
