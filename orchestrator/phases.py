@@ -79,7 +79,7 @@ def load_cached(folder: Path) -> PretrainResult | None:
 
 
 def fit_phase(cfg: Config, loop, loop_config: dict[str, Any], name: str,
-              storage: Path) -> tuple[ray.train.Result, float]:
+              storage: Path, callbacks: list | None = None) -> tuple[ray.train.Result, float]:
     """Run one Ray Train phase; the deterministic `name` makes a rerun resume it."""
     trainer = TorchTrainer(
         loop,
@@ -90,6 +90,7 @@ def fit_phase(cfg: Config, loop, loop_config: dict[str, Any], name: str,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
         ),
     )
     t0 = time.perf_counter()
@@ -158,8 +159,12 @@ class SearchResult:
     cost: PhaseCost
 
 
-def run_search(cfg: Config, dense: PretrainResult) -> SearchResult:
-    """Search from the dense weights; the subnet lands in `<run_dir>/search/subnet/`."""
+def run_search(cfg: Config, dense: PretrainResult, callbacks: list | None = None
+               ) -> SearchResult:
+    """Search from the dense weights; the subnet lands in `<run_dir>/search/subnet/`.
+
+    `callbacks` go to the Train run (a sweep passes Tune's TuneReportCallback, so every search
+    epoch reaches Tune's scheduler)."""
     out, key = cfg.run_dir / "search", cfg.search_key()
     if (blob := _finished(out, key, "search")) is not None:
         return SearchResult(out / SUBNET_DIR, blob["final"], blob["history"],
@@ -170,7 +175,7 @@ def run_search(cfg: Config, dense: PretrainResult) -> SearchResult:
           f"{'GMACs' if cfg.search.target_gmacs else 'x dense MACs'} (run {name})", flush=True)
     result, wall = fit_phase(cfg, search_loop, {"train": cfg.worker_dict(),
                                                 "dense": str(dense.path / "model.safetensors")},
-                             name, cfg.run_dir / "ray")
+                             name, cfg.run_dir / "ray", callbacks)
     kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
         blob = json.loads((Path(d) / "state.json").read_text())

@@ -14,6 +14,8 @@ trials are kept, unfinished ones resume. The Optuna study lives in an SQLite fil
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,14 +41,18 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
     dense = load_cached(Path(dense_dir))
     if dense is None:
         raise FileNotFoundError(f"the sweep's dense model is missing from {dense_dir}")
-    search = run_search(cfg, dense)
+    callbacks = None
+    if cfg.sweep.scheduler == "asha":
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]  # every search epoch reaches the scheduler
+    search = run_search(cfg, dense, callbacks)
     f = search.final
     tuned = run_finetune(cfg, search.subnet)
     wall = time.perf_counter() - t0
     loops = search.cost.worker_seconds + tuned.cost.worker_seconds
     top1 = tuned.metrics["test_top1"]
-    sw = Config.model_validate(base).sweep
-    feasible = sw.max_macs is None or f["macs"] <= sw.max_macs
+    feasible = cfg.sweep.max_macs is None or f["macs"] <= cfg.sweep.max_macs
     tune.report({
         "phase": "done", "macs": f["macs"], "feasible": feasible,
         # single-objective with a MACs constraint: an infeasible trial ranks below all others
@@ -104,6 +110,17 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
                              trials_dir=str(sweep_dir / "trials")),
         DRIVER_RESOURCES)
     concurrent = trials_that_fit(cfg, resources)
+    scheduler = None
+    if cfg.sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # Per-epoch search reports carry val_top1, not the final objectives.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        scheduler = ASHAScheduler(
+            metric="val_top1", mode="max", time_attr="training_iteration",
+            grace_period=cfg.sweep.asha_grace_epochs,
+            reduction_factor=cfg.sweep.asha_reduction_factor,
+            max_t=max(1, math.ceil(cfg.search.epochs)) + 1)
     path = sweep_dir / "tune" / cfg.name
     if tune.Tuner.can_restore(str(path)):
         print(f"[sweep] resuming {path}", flush=True)
@@ -115,6 +132,7 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=_search_alg(cfg, sweep_dir),
+                                        scheduler=scheduler,
                                         num_samples=cfg.sweep.num_samples,
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(

@@ -65,6 +65,10 @@ class SweepConfig(_Section):
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: what fits")
     trial_max_failures: int = Field(1, ge=0, description="Tune retries of a failed trial")
+    scheduler: Literal["none", "asha"] = Field(
+        "none", description="asha: stop trials whose supernet val top-1 lags, per search epoch")
+    asha_grace_epochs: int = Field(1, ge=1)
+    asha_reduction_factor: int = Field(2, ge=2)
     seed: int = 0
 
     @model_validator(mode="after")

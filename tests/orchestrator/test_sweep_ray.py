@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -65,3 +66,20 @@ def test_sweep_validation_and_fit(tmp_path):
     assert trials_that_fit(cfg, {"CPU": 2}) == 1 and trials_that_fit(cfg, {"CPU": 8}) == 4
     with pytest.raises(ValueError, match="one trial needs 2 x 1 CPU"):
         trials_that_fit(cfg, {"CPU": 1})
+
+
+def test_asha_stops_lagging_trials_and_releases_their_workers(ray_cluster, tmp_path, fmnist_dir):
+    import ray
+
+    cfg = _cfg(tmp_path, **{"name": "asha", "sweep.num_samples": 4, "sweep.scheduler": "asha",
+                            "sweep.asha_grace_epochs": 1, "sweep.max_concurrent_trials": 1,
+                            "sweep.points_to_evaluate": "[]"})
+    dense = run_pretrain(cfg)
+    rows = run_sweep(cfg, dense, ray_cluster)
+    started = list((cfg.run_dir / "trials").glob("trial-*"))
+    assert len(started) == 4
+    assert 1 <= len(rows) < 4, "ASHA stopped no trial"  # stopped trials never finish
+    deadline = time.time() + 60  # early-stopped Train V2 runs give their workers back
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < 2:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= 2
