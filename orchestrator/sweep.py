@@ -141,6 +141,9 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
                 verbose=1),
         )
     grid = tuner.fit()
+    stopped = sum(1 for r in grid if r.error is None and (r.metrics or {}).get("phase") != "done")
+    print(f"[sweep] {len(grid)} trial(s): {len(grid) - stopped - grid.num_errors} finished, "
+          f"{stopped} stopped early, {grid.num_errors} failed", flush=True)
     rows = []
     for r in grid:
         m = r.metrics or {}

@@ -21,7 +21,7 @@ SPACE = {
 }
 
 
-def _cfg(tmp_path, **extra):
+def _cfg(tmp_path, sweep: dict | None = None, **extra):
     over = tiny_overrides(tmp_path, **{
         "name": "sw", "data.max_train_samples": 640, "search.epochs": 6,
         "search.warmup_epochs": 0.5, "search.alpha_lr": 0.05,
@@ -29,6 +29,7 @@ def _cfg(tmp_path, **extra):
     over += ["sweep.num_samples=3", f"sweep.space={json.dumps(SPACE)}",
              'sweep.points_to_evaluate=[{"search.temperature": 1.0, "search.mask_ratio": 0.25, '
              '"search.budget": 0.6}]']
+    over += [f"sweep.{k}={v}" for k, v in (sweep or {}).items()]
     return load_config(None, over)
 
 
@@ -71,9 +72,9 @@ def test_sweep_validation_and_fit(tmp_path):
 def test_asha_stops_lagging_trials_and_releases_their_workers(ray_cluster, tmp_path, fmnist_dir):
     import ray
 
-    cfg = _cfg(tmp_path, **{"name": "asha", "sweep.num_samples": 4, "sweep.scheduler": "asha",
-                            "sweep.asha_grace_epochs": 1, "sweep.max_concurrent_trials": 1,
-                            "sweep.points_to_evaluate": "[]"})
+    cfg = _cfg(tmp_path, name="asha", sweep={
+        "num_samples": 4, "scheduler": "asha", "asha_grace_epochs": 1,
+        "max_concurrent_trials": 1, "points_to_evaluate": "[]"})
     dense = run_pretrain(cfg)
     rows = run_sweep(cfg, dense, ray_cluster)
     started = list((cfg.run_dir / "trials").glob("trial-*"))
