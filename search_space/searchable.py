@@ -120,10 +120,6 @@ class SearchableMixin:
         raise NotImplementedError
 
 
-def _first(n: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(n, device=device)
-
-
 def linear_candidates(n: int, lo_frac: float, step: int, multiple: int = 1) -> list[int]:
     """range(n*lo_frac, n+1, step), always ending at n; with `multiple` > 1 only widths that
     are multiples of it (plus n itself): hardware-friendly widths run closer to their MACs."""
