@@ -55,14 +55,19 @@ def test_three_trial_sweep(ray_cluster, tmp_path, fmnist_dir):
 
 
 def test_sweep_validation_and_fit(tmp_path):
+    no_points = "sweep.points_to_evaluate=[]"
     with pytest.raises(ConfigError, match="model.depth.*cannot be swept"):
-        load_config(None, ['sweep.space={"model.depth": {"type": "choice", "values": [2]}}'])
+        load_config(None, [no_points,
+                           'sweep.space={"model.depth": {"type": "choice", "values": [2]}}'])
     with pytest.raises(ConfigError, match="search.temprature: unknown key"):
-        load_config(None, ['sweep.space={"search.temprature": '
+        load_config(None, [no_points, 'sweep.space={"search.temprature": '
                            '{"type": "uniform", "low": 0.1, "high": 1}}'])
     with pytest.raises(ConfigError, match="low < high"):
-        load_config(None, ['sweep.space={"search.mask_ratio": '
+        load_config(None, [no_points, 'sweep.space={"search.mask_ratio": '
                            '{"type": "uniform", "low": 0.4, "high": 0.1}}'])
+    with pytest.raises(ConfigError, match="points_to_evaluate names.*not in sweep.space"):
+        load_config(None, ['sweep.space={"search.mask_ratio": '
+                           '{"type": "uniform", "low": 0.1, "high": 0.4}}'])
     cfg = _cfg(tmp_path)
     assert trials_that_fit(cfg, {"CPU": 2}) == 1 and trials_that_fit(cfg, {"CPU": 8}) == 4
     with pytest.raises(ValueError, match="one trial needs 2 x 1 CPU"):
