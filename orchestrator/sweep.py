@@ -24,6 +24,7 @@ from ray import tune
 
 from orchestrator.config import Config
 from orchestrator.phases import PretrainResult, load_cached, run_finetune, run_search
+from orchestrator.results import ResultsCallback, write_results
 from orchestrator.sweep_space import to_optuna
 
 # The trial driver only waits on its Train runs. It asks for memory and no CPU: any CPU share
@@ -53,8 +54,11 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
     loops = search.cost.worker_seconds + tuned.cost.worker_seconds
     top1 = tuned.metrics["test_top1"]
     feasible = cfg.sweep.max_macs is None or f["macs"] <= cfg.sweep.max_macs
+    target = (cfg.search.target_gmacs * 1e9 if cfg.search.target_gmacs
+              else cfg.search.budget * f["dense_macs"])
     tune.report({
-        "phase": "done", "macs": f["macs"], "feasible": feasible,
+        "phase": "done", "method": cfg.search.method, "target_macs": target,
+        "macs": f["macs"], "feasible": feasible,
         # single-objective with a MACs constraint: an infeasible trial ranks below all others
         "top1": top1 if feasible else top1 - 1.0, "top1_test": top1,
         "params": f["params"], "dense_macs": f["dense_macs"],
@@ -110,6 +114,8 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
                              trials_dir=str(sweep_dir / "trials")),
         DRIVER_RESOURCES)
     concurrent = trials_that_fit(cfg, resources)
+    space_keys = list(cfg.sweep.space)
+    results_cb = ResultsCallback(sweep_dir / "results.parquet", space_keys)
     scheduler = None
     if cfg.sweep.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -136,7 +142,7 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
                                         num_samples=cfg.sweep.num_samples,
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(
-                name=cfg.name, storage_path=str(sweep_dir / "tune"),
+                name=cfg.name, storage_path=str(sweep_dir / "tune"), callbacks=[results_cb],
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_max_failures),
                 verbose=1),
         )
@@ -151,11 +157,13 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
             continue
         params = {k: v for k, v in (r.config or {}).items() if k in cfg.sweep.space}
         rows.append({"trial_id": m.get("trial_id"), **params,
-                     **{k: m[k] for k in ("top1", "top1_test", "feasible", "macs", "params",
+                     **{k: m[k] for k in ("method", "target_macs", "top1", "top1_test",
+                                          "feasible", "macs", "params",
                                           "top1_before_finetune", "search_device_hours",
                                           "finetune_device_hours", "trial_wall_s",
                                           "trial_overhead_s", "node_id", "subnet_path",
                                           "search_note") if k in m}})
+    write_results(sweep_dir / "results.parquet", rows, space_keys)  # restored trials too
     return rows
 
 

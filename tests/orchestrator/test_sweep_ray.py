@@ -45,6 +45,12 @@ def test_three_trial_sweep(ray_cluster, tmp_path, fmnist_dir):
     first = [r for r in rows if r["search.temperature"] == 1.0]
     assert first and first[0]["search.budget"] == 0.6  # points_to_evaluate ran
     assert (cfg.run_dir / "optuna.db").stat().st_size > 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(cfg.run_dir / "results.parquet").to_pylist()
+    assert sorted(t["trial_id"] for t in table) == sorted(r["trial_id"] for r in rows)
+    assert all(t["method"] == "ofb" and t["macs"] > 0 and t["target_macs"] > 0 for t in table)
+    assert {t["search.budget"] for t in table} <= {0.4, 0.6}
     front = pareto_front(rows, cfg.sweep.objectives)
     assert 1 <= len(front) <= 3
     for r in rows:  # nothing beats a front member on both objectives
