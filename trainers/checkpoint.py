@@ -54,6 +54,14 @@ def load_checkpoint(folder: str | Path, model: nn.Module,
     """Restore model (and optimizer/scheduler when given); returns the JSON state."""
     folder = Path(folder)
     load_weights(model, folder / MODEL_FILE)
+    return load_training_state(folder, optimizer, scheduler)
+
+
+def load_training_state(folder: str | Path, optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: Any = None) -> dict[str, Any]:
+    """Restore optimizer/scheduler (when given) and return the JSON state; weights untouched
+    (a search loads them through its method, which first reshapes the supernet)."""
+    folder = Path(folder)
     if optimizer is not None and (folder / OPTIM_FILE).exists():
         blob = torch.load(folder / OPTIM_FILE, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(blob["optimizer"])

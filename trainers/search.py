@@ -23,7 +23,13 @@ from search_space.cost import cost_of
 from search_space.models import unwrap
 from search_space.subnet import export_subnet
 from trainers import worker
-from trainers.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, load_weights, save_checkpoint
+from trainers.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    load_training_state,
+    load_weights,
+    save_checkpoint,
+)
 from trainers.config import TrainConfig
 from trainers.data import build_splits, make_loader
 from trainers.loop import all_reduce_sums, train_one_epoch, warmup_cosine
@@ -37,10 +43,7 @@ SUBNET_DIR = "subnet"
 def _restore(ckpt_dir: Path, method, model, optimizer_fn) -> tuple[Any, Any, dict]:
     method.restore(model, load_file(str(ckpt_dir / MODEL_FILE)))
     optimizer, scheduler = optimizer_fn(model)
-    blob = torch.load(ckpt_dir / OPTIM_FILE, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    return optimizer, scheduler, json.loads((ckpt_dir / STATE_FILE).read_text())
+    return optimizer, scheduler, load_training_state(ckpt_dir, optimizer, scheduler)
 
 
 def search_loop(config: dict[str, Any]) -> None:
