@@ -32,6 +32,17 @@ class RayConfig(_Section):
     health_check_interval_s: float = Field(0.2, gt=0)
 
 
+class MlflowConfig(_Section):
+    enabled: bool = Field(True, description="false: record nothing in MLflow")
+    tracking_uri: str | None = Field(
+        None, description="None: the embedded store sqlite:///<output_dir>/mlflow.db; "
+        "http://127.0.0.1:5000 for a server (e.g. on the head node, through an SSH tunnel)")
+    experiment: str | None = Field(None, description="default: the run's name")
+    log_models: bool = Field(True, description="log each trial's subnet as an MLflow model")
+    registered_model: str | None = Field(
+        None, description="registry name of the best subnets; default <name>-subnet")
+
+
 class Config(TrainConfig):
     name: str = Field("fmnist_vit", pattern=r"^[A-Za-z0-9_.\-]+$")
     pipeline: Literal["pretrain", "search"] = Field(
@@ -41,10 +52,18 @@ class Config(TrainConfig):
     cache_dir: str | None = Field(None, description="default: <output_dir>/cache")
     ray: RayConfig = Field(default_factory=RayConfig)
     sweep: SweepConfig | None = Field(None, description="absent: one trial; present: a sweep")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir).expanduser().resolve() / self.name
+
+    @property
+    def tracking_uri(self) -> str:
+        """The configured MLflow store, else an SQLite file under the output folder."""
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{Path(self.output_dir).expanduser().resolve() / 'mlflow.db'}"
 
     @property
     def cache_path(self) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,13 @@ class PretrainResult:
     def summary(self) -> dict[str, Any]:
         return {"path": str(self.path), "cached": self.cached, "metrics": self.metrics,
                 "cost": self.cost.summary()}
+
+    @property
+    def macs(self) -> int:
+        from search_space.arch import ViTArch
+        from search_space.cost import cost_of
+
+        return cost_of(ViTArch.from_dict(json.loads((self.path / "arch.json").read_text()))).macs
 
 
 def devices_of(cfg: Config) -> tuple[str, float]:
@@ -195,13 +202,15 @@ class FinetuneResult:
     path: Path
     metrics: dict[str, Any]
     cost: PhaseCost
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
     """Fine-tune an exported subnet with `cfg.finetune`; weights in `<run_dir>/finetune/`."""
     out, key = cfg.run_dir / "finetune", cfg.finetune_key()
     if (blob := _finished(out, key, "finetune")) is not None:
-        return FinetuneResult(out, blob["metrics"], PhaseCost(**blob["cost"]))
+        return FinetuneResult(out, blob["metrics"], PhaseCost(**blob["cost"]),
+                              blob.get("history", []))
     print(f"[finetune] {cfg.finetune.epochs:g} epoch(s) of the subnet", flush=True)
     result, wall = fit_phase(cfg, supervised_loop, {"train": cfg.worker_dict(),
                                                     "phase": "finetune", "init": str(subnet)},
@@ -210,7 +219,8 @@ def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
         cost = PhaseCost(kind, devices, state["elapsed_s"], wall)
-        blob = {"metrics": state["metrics"], "cost": asdict(cost), "key": key}
+        blob = {"metrics": state["metrics"], "history": state.get("history", []),
+                "cost": asdict(cost), "key": key}
 
         def fill(tmp: Path) -> None:
             shutil.copy2(Path(d) / "model.safetensors", tmp / "model.safetensors")
@@ -218,4 +228,29 @@ def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
             (tmp / "result.json").write_text(json.dumps(blob, indent=2))
 
         _write_atomic(out, fill)
-    return FinetuneResult(out, blob["metrics"], cost)
+    return FinetuneResult(out, blob["metrics"], cost, blob["history"])
+
+
+def trial_result(cfg: Config, search: SearchResult, tuned: FinetuneResult,
+                 wall: float) -> dict[str, Any]:
+    """The final record of one trial (search -> fine-tune): what Tune and MLflow receive."""
+    f = search.final
+    top1 = tuned.metrics["test_top1"]
+    feasible = cfg.sweep is None or cfg.sweep.max_macs is None or f["macs"] <= cfg.sweep.max_macs
+    target = (cfg.search.target_gmacs * 1e9 if cfg.search.target_gmacs
+              else cfg.search.budget * f["dense_macs"])
+    return {
+        "phase": "done", "method": cfg.search.method, "target_macs": target,
+        "macs": f["macs"], "feasible": feasible,
+        # single-objective with a MACs constraint: an infeasible trial ranks below all others
+        "top1": top1 if feasible else top1 - 1.0, "top1_test": top1,
+        "params": f["params"], "dense_macs": f["dense_macs"],
+        "top1_before_finetune": f["test_top1_before_finetune"],
+        "search_device_hours": search.cost.device_hours,
+        "finetune_device_hours": tuned.cost.device_hours,
+        "device_kind": search.cost.device_kind, "subnet_path": str(search.subnet),
+        "search_note": f.get("note", ""), "node_id": f.get("node_id", ""),
+        "trial_wall_s": wall,
+        "trial_overhead_s": wall - search.cost.worker_seconds - tuned.cost.worker_seconds,
+        "trial_dir": str(cfg.run_dir),
+    }

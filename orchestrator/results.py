@@ -8,6 +8,7 @@ absolute, top-1 is a fraction; one column per swept hyperparameter, named by its
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ FIXED = [
     ("macs", pa.int64()), ("params", pa.int64()), ("top1", pa.float64()),
     ("top1_before_finetune", pa.float64()), ("search_device_hours", pa.float64()),
     ("finetune_device_hours", pa.float64()), ("subnet_path", pa.string()),
-    ("mlflow_run_id", pa.string()),
+    ("mlflow_run_id", pa.string()), ("dense_macs", pa.int64()), ("feasible", pa.bool_()),
 ]
 
 
@@ -63,13 +64,15 @@ def write_results(path: Path, rows: list[dict[str, Any]], space_keys: list[str])
 class ResultsCallback(Callback):
     """Rewrites results.parquet each time a trial reports its final result."""
 
-    def __init__(self, path: Path, space_keys: list[str], rows: list[dict[str, Any]] | None = None):
-        self.path, self.space_keys = path, space_keys
+    def __init__(self, path: Path, space_keys: list[str], rows: list[dict[str, Any]] | None = None,
+                 run_id: Callable[[str], str | None] | None = None):
+        self.path, self.space_keys, self.run_id = path, space_keys, run_id
         self.rows: dict[str, dict[str, Any]] = {r["trial_id"]: r for r in rows or []}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
         if result.get("phase") != "done":
             return
         params = {k: v for k, v in (trial.config or {}).items() if k in self.space_keys}
-        self.rows[trial.trial_id] = {**result, **params, "trial_id": trial.trial_id}
+        self.rows[trial.trial_id] = {**result, **params, "trial_id": trial.trial_id,
+                                     "mlflow_run_id": self.run_id and self.run_id(trial.trial_id)}
         write_results(self.path, list(self.rows.values()), self.space_keys)

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -51,6 +52,12 @@ def preflight(cfg: Config) -> None:
     val = len(splits.val) if splits.val is not None else 0
     print(f"[run] data {cfg.data.dataset}: {len(splits.train)} train / {val} val / "
           f"{len(splits.test)} test images", flush=True)
+    if cfg.pipeline == "search":
+        from orchestrator.tracking import check_store
+
+        check_store(cfg)
+        if cfg.mlflow.enabled:
+            print(f"[run] MLflow store {cfg.tracking_uri}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
-    from orchestrator.phases import run_finetune, run_pretrain, run_search
+    from orchestrator.phases import run_finetune, run_pretrain, run_search, trial_result
     from orchestrator.ray_setup import start_ray
 
     resources = start_ray(cfg.ray.address, cfg.ray.health_check_interval_s)
@@ -81,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.sweep is not None:
         return _sweep(cfg, dense, resources, summary)
     if cfg.pipeline == "search":
+        t0 = time.perf_counter()
         search = run_search(cfg, dense)
         tuned = run_finetune(cfg, search.subnet)
+        if cfg.mlflow.enabled:
+            from orchestrator.tracking import track_single
+
+            summary["mlflow_run_id"] = track_single(
+                cfg, dense, trial_result(cfg, search, tuned, time.perf_counter() - t0))
         summary["search"] = {"subnet": str(search.subnet), "final": search.final,
                              "cost": search.cost.summary()}
         summary["finetune"] = {"path": str(tuned.path), "metrics": tuned.metrics,
@@ -143,6 +156,8 @@ def print_summary(cfg: Config, s: dict) -> None:
     if f.get("note"):
         print(f"  note         {f['note']}")
     print(f"  exported     {s['search']['subnet']} (arch.json + model.safetensors)")
+    if s.get("mlflow_run_id"):
+        print(f"  MLflow run   {s['mlflow_run_id']} ({cfg.tracking_uri})")
     print(f"  fine-tuned   {Path(s['finetune']['path'])}")
 
 

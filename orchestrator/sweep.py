@@ -14,6 +14,7 @@ trials are kept, unfinished ones resume. The Optuna study lives in an SQLite fil
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -22,10 +23,18 @@ from typing import Any
 
 from ray import tune
 
+from orchestrator import report
 from orchestrator.config import Config
-from orchestrator.phases import PretrainResult, load_cached, run_finetune, run_search
+from orchestrator.phases import (
+    PretrainResult,
+    load_cached,
+    run_finetune,
+    run_search,
+    trial_result,
+)
 from orchestrator.results import ResultsCallback, write_results
 from orchestrator.sweep_space import to_optuna
+from orchestrator.tracking import Tracker, TrackingCallback
 
 # The trial driver only waits on its Train runs. It asks for memory and no CPU: any CPU share
 # (even 0.01) on top of 2 workers x 1 CPU never fits a 2-core machine, and {"CPU": 0} raises.
@@ -48,27 +57,8 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
 
         callbacks = [TuneReportCallback()]  # every search epoch reaches the scheduler
     search = run_search(cfg, dense, callbacks)
-    f = search.final
     tuned = run_finetune(cfg, search.subnet)
-    wall = time.perf_counter() - t0
-    loops = search.cost.worker_seconds + tuned.cost.worker_seconds
-    top1 = tuned.metrics["test_top1"]
-    feasible = cfg.sweep.max_macs is None or f["macs"] <= cfg.sweep.max_macs
-    target = (cfg.search.target_gmacs * 1e9 if cfg.search.target_gmacs
-              else cfg.search.budget * f["dense_macs"])
-    tune.report({
-        "phase": "done", "method": cfg.search.method, "target_macs": target,
-        "macs": f["macs"], "feasible": feasible,
-        # single-objective with a MACs constraint: an infeasible trial ranks below all others
-        "top1": top1 if feasible else top1 - 1.0, "top1_test": top1,
-        "params": f["params"], "dense_macs": f["dense_macs"],
-        "top1_before_finetune": f["test_top1_before_finetune"],
-        "search_device_hours": search.cost.device_hours,
-        "finetune_device_hours": tuned.cost.device_hours,
-        "device_kind": search.cost.device_kind, "subnet_path": str(search.subnet),
-        "search_note": f.get("note", ""), "node_id": f.get("node_id", ""),
-        "trial_wall_s": wall, "trial_overhead_s": wall - loops,
-    })
+    tune.report(trial_result(cfg, search, tuned, time.perf_counter() - t0))
 
 
 def trials_that_fit(cfg: Config, resources: dict[str, float]) -> int:
@@ -115,7 +105,21 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
         DRIVER_RESOURCES)
     concurrent = trials_that_fit(cfg, resources)
     space_keys = list(cfg.sweep.space)
-    results_cb = ResultsCallback(sweep_dir / "results.parquet", space_keys)
+    dense_info = report.Dense(dense.metrics.get("test_top1"), dense.macs,
+                              dense.cost.device_hours, dense.cost.device_kind)
+    (sweep_dir / "dense.json").write_text(json.dumps(
+        {**vars(dense_info), "path": str(dense.path)}, indent=2))
+    callbacks: list[tune.Callback] = []
+    tracker = None
+    if cfg.mlflow.enabled:
+        tracker = Tracker(cfg)
+        tracker.start_sweep(dense)
+        print(f"[mlflow] sweep run {tracker.parent_id} in experiment "
+              f"{cfg.mlflow.experiment or cfg.name!r} at {tracker.uri}", flush=True)
+        callbacks.append(TrackingCallback(tracker, dense.cost.device_hours
+                                          / cfg.sweep.num_samples))
+    callbacks.append(ResultsCallback(sweep_dir / "results.parquet", space_keys,
+                                     run_id=callbacks[0].run_id if callbacks else None))
     scheduler = None
     if cfg.sweep.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -142,7 +146,7 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
                                         num_samples=cfg.sweep.num_samples,
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(
-                name=cfg.name, storage_path=str(sweep_dir / "tune"), callbacks=[results_cb],
+                name=cfg.name, storage_path=str(sweep_dir / "tune"), callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_max_failures),
                 verbose=1),
         )
@@ -160,10 +164,22 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
                      **{k: m[k] for k in ("method", "target_macs", "top1", "top1_test",
                                           "feasible", "macs", "params",
                                           "top1_before_finetune", "search_device_hours",
-                                          "finetune_device_hours", "trial_wall_s",
+                                          "finetune_device_hours", "trial_wall_s", "dense_macs",
                                           "trial_overhead_s", "node_id", "subnet_path",
                                           "search_note") if k in m}})
+    if tracker is not None:
+        tracker.attach(tracker.parent_id)
+        for row in rows:
+            row["mlflow_run_id"] = tracker.children.get(row["trial_id"])
+        for alias, where in tracker.register_best(rows).items():
+            print(f"[mlflow] registry alias {alias}: {where}", flush=True)
     write_results(sweep_dir / "results.parquet", rows, space_keys)  # restored trials too
+    rep = report.build(rows, dense_info)
+    files = report.write(rep, rows, dense_info, sweep_dir / "report", cfg.name)
+    if tracker is not None:
+        tracker.finish_sweep(rep.metrics, files)
+    print(f"\n{rep.text}\n   report: {sweep_dir / 'report'} (table.txt, comparison.json, "
+          "pareto.png)", flush=True)
     return rows
 
 

@@ -86,12 +86,12 @@ def supervised_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         max(total_steps, 1), int(rc.warmup_epochs * steps_per_epoch), rc.lr, rc.min_lr))
 
-    start_epoch, elapsed, resumed_from = 0, 0.0, -1
+    start_epoch, elapsed, resumed_from, history = 0, 0.0, -1, []
     with worker.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
             state = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
             start_epoch, elapsed = state["epoch"] + 1, state["elapsed_s"]
-            resumed_from = state["epoch"]
+            resumed_from, history = state["epoch"], state.get("history", [])
     model = worker.prepare_model(model)
     if resumed_from >= 0 and env.is_main:
         print(f"[{phase}] resumed after epoch {resumed_from + 1}/{n_epochs}", flush=True)
@@ -122,7 +122,8 @@ def supervised_loop(config: dict[str, Any]) -> None:
             metrics.update(test_top1=t["top1"], test_loss=t["loss"])
         elapsed += time.perf_counter() - t0
         metrics["elapsed_s"] = elapsed
-        state = {"epoch": epoch, "elapsed_s": elapsed, "metrics": metrics}
+        history.append(metrics)  # per-epoch curves for the tracker (MLflow) in the driver
+        state = {"epoch": epoch, "elapsed_s": elapsed, "metrics": metrics, "history": history}
 
         def write(d: Path, state=state) -> None:
             save_checkpoint(d, unwrap(model), state, optimizer, scheduler, arch=arch)

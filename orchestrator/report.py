@@ -1,0 +1,292 @@
+"""`python -m orchestrator.report <sweep folder | MLflow experiment>`: compare searched subnets.
+
+Prints, per method and MACs budget, top-1 (best and mean over trials, and before fine-tune),
+MACs, params, search cost and total cost in device-hours; then the cost comparison: every
+method's search cost against the dense model's training cost and, at equal budget, OFB's search
+cost over each two-stage method's. Writes `report/{table.txt,comparison.json,pareto.png}`
+(top-1 vs MACs, one series per method, marker area ~ search cost) and logs them to the sweep's
+MLflow parent run. A sweep folder is read from its results.parquet + dense.json; an experiment
+from its latest sweep run in MLflow.
+
+Total cost of a trial = its share of the dense pretrain (pretrain hours / trials in the sweep)
++ search + fine-tune. The ratio "OFB vs X" is mean OFB search hours / mean X search hours at
+the same budget: < 1 means OFB searched for less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REFERENCE = "ofb"  # the one-stage method every other method is compared with
+
+
+@dataclass
+class Dense:
+    top1: float | None
+    macs: float | None
+    device_hours: float
+    device_kind: str = "cpu_core"
+
+
+@dataclass
+class Report:
+    groups: list[dict[str, Any]]
+    comparison: list[dict[str, Any]]
+    metrics: dict[str, float] = field(default_factory=dict)
+    text: str = ""
+
+
+def budget_of(row: dict[str, Any]) -> str:
+    return f"{round(100 * row['target_macs'] / row['dense_macs'])}pct"
+
+
+def build(rows: list[dict[str, Any]], dense: Dense) -> Report:
+    """Group trials by (method, budget) and compute the cost comparison."""
+    rows = [r for r in rows if r.get("top1") is not None and r.get("dense_macs")]
+    share = dense.device_hours / max(len(rows), 1)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], budget_of(r)), []).append(r)
+    out = []
+    for (method, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -_pct(kv[0]))):
+        best = max(rs, key=lambda r: r["top1"])
+        search = statistics.fmean(r["search_device_hours"] for r in rs)
+        total = statistics.fmean(share + r["search_device_hours"] + r["finetune_device_hours"]
+                                 for r in rs)
+        out.append({"method": method, "budget": budget, "trials": len(rs),
+                    "top1_best": best["top1"], "top1_mean": statistics.fmean(
+                        r["top1"] for r in rs),
+                    "top1_before_ft": best.get("top1_before_finetune"),
+                    "macs": best["macs"], "params": best["params"],
+                    "search_h": search, "total_h": total})
+    comparison, metrics = [], {}
+    for method in sorted({g["method"] for g in out}):
+        search = statistics.fmean(g["search_h"] for g in out if g["method"] == method)
+        vs_dense = search / dense.device_hours if dense.device_hours else None
+        comparison.append({"compare": f"{method} search vs dense training", "budget": "all",
+                           "a_h": search, "b_h": dense.device_hours, "ratio": vs_dense})
+        if vs_dense is not None:
+            metrics[f"cost_ratio/{method}_search_vs_dense_training"] = vs_dense
+        metrics[f"search_device_hours/{method}"] = search
+    by_key = {(g["method"], g["budget"]): g for g in out}
+    for (method, budget), g in sorted(by_key.items()):
+        ref = by_key.get((REFERENCE, budget))
+        if method == REFERENCE or ref is None:
+            continue
+        ratio = ref["search_h"] / g["search_h"] if g["search_h"] else None
+        comparison.append({"compare": f"{REFERENCE} vs {method} search", "budget": budget,
+                           "a_h": ref["search_h"], "b_h": g["search_h"], "ratio": ratio})
+        if ratio is not None:
+            metrics[f"cost_ratio/{REFERENCE}_vs_{method}/{budget}"] = ratio
+            metrics[f"top1_gain/{REFERENCE}_vs_{method}/{budget}"] = (
+                ref["top1_best"] - g["top1_best"])
+    for g in out:
+        metrics[f"top1/{g['method']}/{g['budget']}"] = g["top1_best"]
+    return Report(out, comparison, metrics, render(out, comparison, dense))
+
+
+def _pct(key: tuple[str, str]) -> int:
+    return int(key[1].removesuffix("pct") or 0)
+
+
+def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense: Dense) -> str:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    head = ["method", "budget", "trials", "top-1 best", "top-1 mean", "before FT", "MACs",
+            "params", "search h", "total h"]
+    body = [[g["method"], g["budget"], str(g["trials"]), pct(g["top1_best"]),
+             pct(g["top1_mean"]), pct(g["top1_before_ft"]), f"{g['macs'] / 1e6:.2f}M",
+             f"{g['params'] / 1e6:.3f}M", f"{g['search_h']:.4f}", f"{g['total_h']:.4f}"]
+            for g in groups]
+    kind = f"{dense.device_kind}-hours"
+    lines = [f"== subnets per method and budget (costs in {kind}) ==", _table(head, body)]
+    lines.append(f"   dense: top-1 {pct(dense.top1)}, "
+                 f"{(dense.macs or 0) / 1e6:.2f}M MACs, trained in {dense.device_hours:.4f} "
+                 f"{kind} (shared by every trial; its share is in 'total h')")
+    cbody = [[c["compare"], c["budget"], f"{c['a_h']:.4f}", f"{c['b_h']:.4f}",
+              "-" if c["ratio"] is None else f"{c['ratio']:.3f}"] for c in comparison]
+    lines += ["", f"== search cost comparison ({kind}) ==",
+              _table(["comparison", "budget", "A", "B", "A / B"], cbody)]
+    if not any(c["budget"] != "all" for c in comparison):
+        lines.append("   no two-stage method in this sweep: the dense training cost is the "
+                     "reference")
+    return "\n".join(lines)
+
+
+def _table(head: list[str], body: list[list[str]]) -> str:
+    rows = [head, *body]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def plot_pareto(rows: list[dict[str, Any]], dense: Dense, path: Path, title: str) -> Path:
+    """Top-1 vs MACs, one series per method, marker area ~ search cost, the Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("top1") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    top_h = max([r["search_device_hours"] for r in rows] + [1e-9])
+    for method in sorted({r["method"] for r in rows}):
+        rs = [r for r in rows if r["method"] == method]
+        ax.scatter([r["macs"] / 1e6 for r in rs], [100 * r["top1"] for r in rs],
+                   s=[30 + 370 * r["search_device_hours"] / top_h for r in rs], alpha=0.7,
+                   label=method, edgecolors="black", linewidths=0.5)
+    front = sorted((r for r in rows if not any(
+        o["top1"] >= r["top1"] and o["macs"] <= r["macs"] and o is not r
+        and (o["top1"], o["macs"]) != (r["top1"], r["macs"]) for o in rows)),
+        key=lambda r: r["macs"])
+    if front:
+        ax.plot([r["macs"] / 1e6 for r in front], [100 * r["top1"] for r in front], "k--",
+                lw=1, label="Pareto front", drawstyle="steps-post")
+    if dense.top1 is not None and dense.macs:
+        ax.scatter([dense.macs / 1e6], [100 * dense.top1], marker="*", s=200, c="gold",
+                   edgecolors="black", label="dense", zorder=3)
+    ax.set_xlabel("MACs per image (M)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{title}: top-1 vs MACs (marker area ~ search device-hours)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write(report: Report, rows: list[dict[str, Any]], dense: Dense, out: Path,
+          title: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.txt").write_text(report.text + "\n")
+    (out / "comparison.json").write_text(json.dumps(
+        {"groups": report.groups, "comparison": report.comparison, "metrics": report.metrics},
+        indent=2))
+    png = plot_pareto(rows, dense, out / "pareto.png", title)
+    return [out / "table.txt", out / "comparison.json", png]
+
+
+# -- sources --------------------------------------------------------------------------------
+def from_folder(folder: Path) -> tuple[list[dict[str, Any]], Dense]:
+    import pyarrow.parquet as pq
+
+    table = folder / "results.parquet"
+    if not table.is_file():
+        raise FileNotFoundError(f"{folder} holds no results.parquet: not a sweep folder (give "
+                                "<output_dir>/<name>, or an MLflow experiment name)")
+    rows = pq.read_table(table).to_pylist()
+    d = json.loads((folder / "dense.json").read_text()) if (folder / "dense.json").exists() \
+        else {}
+    return rows, Dense(d.get("top1"), d.get("macs"), d.get("device_hours", 0.0),
+                       d.get("device_kind", "cpu_core"))
+
+
+def from_mlflow(experiment: str, uri: str) -> tuple[list[dict[str, Any]], Dense, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments(max_results=50)]
+        raise FileNotFoundError(f"no sweep folder and no MLflow experiment {experiment!r} at "
+                                f"{uri}; experiments there: {names}")
+    parents = client.search_runs([exp.experiment_id], "tags.ofb_role = 'sweep'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise FileNotFoundError(f"experiment {experiment!r} at {uri} holds no sweep run")
+    parent = parents[0]
+    pm = parent.data.metrics
+    dense = Dense(pm.get("dense_top1"), pm.get("dense_macs"), pm.get("pretrain_device_hours", 0),
+                  "gpu" if parent.data.params.get("scaling.use_gpu") == "True" else "cpu_core")
+    rows = []
+    for run in client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+            max_results=5000):
+        m, tags = run.data.metrics, run.data.tags
+        if tags.get("status") != "finished":
+            continue
+        rows.append({"trial_id": tags.get("trial_id"), "method": tags.get("method"),
+                     "mlflow_run_id": run.info.run_id, **{k: m.get(k) for k in (
+                         "top1", "top1_before_finetune", "macs", "params", "target_macs",
+                         "dense_macs", "search_device_hours", "finetune_device_hours")}})
+    return rows, dense, parent.info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.report", description=__doc__.split(
+        "\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a sweep folder (<output_dir>/<name>) or an MLflow experiment")
+    p.add_argument("--tracking-uri", help="MLflow store for an experiment name (default: "
+                   "MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
+    p.add_argument("--out", help="folder for table.txt, comparison.json, pareto.png "
+                   "(default: <sweep folder>/report, or ./report-<experiment>)")
+    p.add_argument("--no-log", action="store_true", help="do not log to the MLflow parent run")
+    args = p.parse_args(argv)
+    import os
+
+    parent_id, uri = None, args.tracking_uri
+    try:
+        folder = Path(args.source)
+        if folder.is_dir():
+            rows, dense = from_folder(folder)
+            out, title = Path(args.out or folder / "report"), folder.name
+            parent_id, uri = _parent_of_folder(folder, uri)
+        else:
+            uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+                f"sqlite:///{Path('runs/mlflow.db').resolve()}"
+            rows, dense, parent_id = from_mlflow(args.source, uri)
+            out, title = Path(args.out or f"report-{args.source}"), args.source
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"error: {args.source} has no finished trial yet", file=sys.stderr)
+        return 2
+    report = build(rows, dense)
+    files = write(report, rows, dense, out, title)
+    print(report.text)
+    print(f"\n  written      {', '.join(str(f) for f in files)}")
+    if parent_id and uri and not args.no_log:
+        from mlflow import MlflowClient
+
+        from orchestrator.tracking import log_to_run
+
+        log_to_run(MlflowClient(uri), parent_id, report.metrics, files, "report")
+        print(f"  logged to    MLflow run {parent_id} ({uri})")
+    return 0
+
+
+def _parent_of_folder(folder: Path, uri: str | None) -> tuple[str | None, str | None]:
+    """The MLflow sweep run of a sweep folder, through the config saved beside it."""
+    import yaml
+
+    from orchestrator.config import validate
+
+    f = folder / "config.yaml"
+    if not f.exists():
+        return None, uri
+    cfg = validate(yaml.safe_load(f.read_text()))
+    if not cfg.mlflow.enabled:
+        return None, uri
+    from mlflow import MlflowClient
+
+    uri = uri or cfg.tracking_uri
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment or cfg.name)
+    if exp is None:
+        return None, uri
+    runs = client.search_runs([exp.experiment_id], "tags.ofb_role = 'sweep' and "
+                              f"tags.ofb_sweep_dir = '{folder.resolve()}'", max_results=1)
+    return (runs[0].info.run_id if runs else None), uri
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""MLflow tracking: one parent run per sweep, one nested child run per trial, subnets as models.
+
+Only the orchestrator talks to MLflow (workers report through Ray Train). Layout:
+- parent run `sweep-<name>` (tag ofb_role=sweep): the whole config as params, code version,
+  the data set as a run input, the dense model (MACs, params, top-1, pretrain device-hours,
+  arch.json), at the end the report (table, cost comparison, Pareto PNG);
+- child run `trial-<id>` (tag mlflow.parentRunId): the trial's sampled hyperparameters,
+  per-epoch curves of the search and the fine-tune (`search/...`, `finetune/...`, step=epoch),
+  final metrics (top-1, MACs, params, device-hours per phase incl. its share of the pretrain),
+  tags method/budget/status, the subnet as a pyfunc model and its arch.json;
+- the registry: per budget, the best subnet gets the aliases `best-<budget>` and
+  `<method>-<budget>` on the registered model `<name>-subnet` (aliases, not stages).
+
+A callback of our own rather than Ray's MLflowLoggerCallback: a rerun must find the same parent
+and the same child per trial id (Tuner.restore), curves come from the phases' result files, and
+the subnet is logged as a model. Run lookups go through tags, so reruns never duplicate runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from orchestrator.config import Config, ConfigError
+
+SUBNET_MODEL_CODE = Path(__file__).with_name("subnet_pyfunc.py")
+SEARCH_SPACE_CODE = Path(__file__).resolve().parents[1] / "search_space"
+_NOT_CURVES = {"epoch", "epochs", "phase", "resumed_from_epoch", "search_finished"}
+FINAL_METRICS = ("top1", "top1_before_finetune", "macs", "params", "target_macs", "dense_macs",
+                 "search_device_hours", "finetune_device_hours", "trial_wall_s",
+                 "trial_overhead_s")
+
+
+def check_store(cfg: Config) -> None:
+    """Fail before any work when the configured tracking store cannot be reached."""
+    if not cfg.mlflow.enabled:
+        return
+    uri = cfg.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status != 200:
+                    raise OSError(f"HTTP {r.status}")
+        except (OSError, ValueError) as e:
+            why = getattr(e, "reason", None) or e
+            raise ConfigError(
+                f"mlflow.tracking_uri={uri!r}: no MLflow server answers there ({why}). Start "
+                "one (`mlflow server --host 127.0.0.1 --port 5000`), open the SSH tunnel to the "
+                "head node (README: MLflow on a cluster), or unset mlflow.tracking_uri to record "
+                f"into {cfg.run_dir.parent / 'mlflow.db'}") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"MLflow store {uri!r}: cannot create {folder} ({e})") from None
+    elif uri.startswith("file:") or "://" not in uri:
+        raise ConfigError(f"mlflow.tracking_uri={uri!r}: MLflow 3 refuses file stores; use "
+                          "sqlite:///PATH/mlflow.db or an http:// server")
+
+
+def budget_label(target_macs: float, dense_macs: float) -> str:
+    """`0.5 x dense` -> "50pct": a registry-alias-safe name for a MACs budget."""
+    return f"{round(100 * target_macs / dense_macs)}pct"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k != "space":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (dict, list)) else v
+    return out
+
+
+def _code_version() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"mlflow.source.name": "orchestrator.run", "mlflow.source.type": "JOB"}
+    try:
+        tags["ofb_version"] = version("ofb-orchestrator")
+    except PackageNotFoundError:
+        pass
+    root = SEARCH_SPACE_CODE.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        tags.update({"mlflow.source.git.commit": sha, "ofb_git_dirty": str(bool(dirty))})
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+class Tracker:
+    """The MLflow side of one sweep (or single trial). Holds no state MLflow does not have."""
+
+    def __init__(self, cfg: Config):
+        import mlflow
+        from mlflow import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self.cfg, self.uri = cfg, cfg.tracking_uri
+        mlflow.set_tracking_uri(self.uri)  # log_model goes through the fluent API
+        self.client = MlflowClient(self.uri)
+        name = cfg.mlflow.experiment or cfg.name
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            local = None if self.uri.startswith(("http://", "https://")) else str(
+                Path(cfg.output_dir).expanduser().resolve() / "mlartifacts" / name)
+            self.experiment_id = self.client.create_experiment(name, artifact_location=local)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+        self.children: dict[str, str] = {}  # trial id -> run id
+
+    # -- runs ---------------------------------------------------------------------------
+    def _find(self, filter_string: str) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                       max_results=1000)
+
+    def start_sweep(self, dense: Any) -> str:
+        """The sweep's parent run: found again on a rerun (tag ofb_sweep_dir), else created."""
+        cfg, where = self.cfg, str(self.cfg.run_dir)
+        found = self._find(f"tags.ofb_role = 'sweep' and tags.ofb_sweep_dir = '{where}'")
+        if found:
+            self.attach(found[0].info.run_id)
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"sweep-{cfg.name}", tags={
+            **_code_version(), "ofb_role": "sweep", "ofb_sweep_dir": where,
+            "method": cfg.search.method, "dataset": cfg.data.dataset, "model": cfg.model.name})
+        self.parent_id = run.info.run_id
+        self._log_params(self.parent_id, flatten(cfg.model_dump()))
+        self._log_dataset(self.parent_id)
+        self.log_dense(self.parent_id, dense)
+        return self.parent_id
+
+    def attach(self, parent_id: str) -> None:
+        """Continue an existing sweep run and know its children by trial id."""
+        self.parent_id = parent_id
+        for r in self._find(f"tags.`mlflow.parentRunId` = '{parent_id}'"):
+            self.children[r.data.tags.get("trial_id", "")] = r.info.run_id
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def _log_dataset(self, run_id: str) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from orchestrator.config import _hash
+
+        d = self.cfg.data
+        ds = Dataset(name=d.dataset, digest=_hash(d.model_dump())[:8], source_type="local",
+                     source=json.dumps({"uri": str(d.root or "")}))
+        self.client.log_inputs(run_id, [DatasetInput(ds, [InputTag("mlflow.data.context",
+                                                                   "train")])])
+
+    def log_dense(self, run_id: str, dense: Any) -> None:
+        m = dense.metrics
+        self._metrics(run_id, {
+            "dense_macs": dense.macs,
+            "dense_top1": m.get("test_top1"), "dense_val_top1": m.get("val_top1"),
+            "pretrain_device_hours": dense.cost.device_hours})
+        self.client.log_artifact(run_id, str(dense.path / "arch.json"), "dense")
+
+    def _metrics(self, run_id: str, values: dict[str, Any], step: int = 0,
+                 stamp: int | None = None) -> None:
+        """`stamp` (ms) fixed by the caller makes a repeated log a no-op: MLflow drops metrics
+        equal in key, value, step and timestamp."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = stamp or int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in values.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if ms:
+            self.client.log_batch(run_id, metrics=ms)
+
+    def child(self, trial_id: str, params: dict[str, Any]) -> str:
+        """The run of one trial (nested under the sweep's parent), created once."""
+        if trial_id in self.children:
+            self.client.update_run(self.children[trial_id], status="RUNNING")
+            return self.children[trial_id]
+        method = str(params.get("search.method", self.cfg.search.method))
+        params = {"search.method": method, **params}
+        tags = {"trial_id": trial_id, "ofb_role": "trial", "status": "running", "method": method}
+        if self.parent_id:
+            tags["mlflow.parentRunId"] = self.parent_id
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags)
+        self.children[trial_id] = run.info.run_id
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_progress(self, run_id: str, result: dict[str, Any]) -> None:
+        """An intermediate report (ASHA mode: one per search epoch)."""
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        self._metrics(run_id, {f"search/{k}": v for k, v in result.items()
+                               if k in ("val_top1", "train_loss", "expected_macs")}, step)
+
+    def log_trial(self, run_id: str, result: dict[str, Any], pretrain_share: float) -> None:
+        """A finished trial: curves, final metrics, tags, the subnet model; run FINISHED."""
+        trial_dir, stamp = Path(result["trial_dir"]), 0
+        for phase in ("search", "finetune"):
+            f = trial_dir / phase / "result.json"
+            if not f.exists():
+                continue
+            stamp = int(f.stat().st_mtime * 1000)  # same file, same stamp: reruns add nothing
+            for h in json.loads(f.read_text()).get("history", []):
+                self._metrics(run_id, {f"{phase}/{k}": v for k, v in h.items()
+                                       if k not in _NOT_CURVES}, int(h.get("epoch", 0)), stamp)
+        finals = {k: result[k] for k in FINAL_METRICS if k in result}
+        total = pretrain_share + result["search_device_hours"] + result["finetune_device_hours"]
+        finals.update(pretrain_share_device_hours=pretrain_share, total_device_hours=total,
+                      macs_fraction=result["macs"] / result["dense_macs"])
+        self._metrics(run_id, finals, 0, stamp or None)
+        label = budget_label(result["target_macs"], result["dense_macs"])
+        tags = {"budget": label, "method": result["method"], "status": "finished",
+                "device_kind": result.get("device_kind", ""), "node_id": result.get("node_id", "")}
+        if result.get("search_note"):
+            tags["search_note"] = str(result["search_note"])[:5000]
+        subnet = Path(result["subnet_path"])
+        self.client.log_artifact(run_id, str(subnet / "arch.json"), "subnet")
+        if self.cfg.mlflow.log_models:
+            tags["ofb_model_uri"] = self._log_model(run_id, subnet)
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def _log_model(self, run_id: str, subnet: Path) -> str:
+        import mlflow
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        arch = json.loads((subnet / "arch.json").read_text())["arch"]
+        c, size, k = arch.get("in_chans", 3), arch.get("img_size", 224), arch["num_classes"]
+        sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, size, size))]),
+                             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k))]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "add type hints", "no input example"
+            with mlflow.start_run(run_id=run_id, nested=True):
+                info = mlflow.pyfunc.log_model(
+                    name="subnet", python_model=str(SUBNET_MODEL_CODE),
+                    artifacts={"subnet": str(subnet)}, code_paths=[str(SEARCH_SPACE_CODE)],
+                    signature=sig, pip_requirements=_requirements())
+        return info.model_uri
+
+    def end(self, run_id: str, status: str, tag: str) -> None:
+        self.client.set_tag(run_id, "status", tag)
+        self.client.set_terminated(run_id, status)
+
+    # -- registry -----------------------------------------------------------------------
+    def register_best(self, rows: list[dict[str, Any]]) -> dict[str, str]:
+        """Aliases best-<budget> and <method>-<budget> on the best subnets; returns them."""
+        name = self.cfg.mlflow.registered_model or f"{self.cfg.name}-subnet"
+        best: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            if not r.get("mlflow_run_id") or not r.get("feasible", True):
+                continue
+            label = budget_label(r["target_macs"], r["dense_macs"])
+            for alias in (f"best-{label}", f"{r['method']}-{label}"):
+                if alias not in best or r["top1"] > best[alias]["top1"]:
+                    best[alias] = r
+        done: dict[str, str] = {}
+        for alias, r in sorted(best.items()):
+            run = self.client.get_run(r["mlflow_run_id"])
+            uri = run.data.tags.get("ofb_model_uri")
+            if not uri:
+                continue
+            version = self._version_of(name, run.info.run_id, uri)
+            self.client.set_registered_model_alias(name, alias, version)
+            done[alias] = f"models:/{name}@{alias} (version {version})"
+        return done
+
+    def _version_of(self, name: str, run_id: str, uri: str) -> str:
+        import mlflow
+
+        try:
+            for v in self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+                return str(v.version)
+        except Exception:  # noqa: BLE001 - the registered model does not exist yet
+            pass
+        return str(mlflow.register_model(uri, name, await_registration_for=60).version)
+
+    def finish_sweep(self, metrics: dict[str, float], files: list[Path]) -> None:
+        assert self.parent_id is not None
+        log_to_run(self.client, self.parent_id, metrics, files, "report")
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+
+def log_to_run(client: Any, run_id: str, metrics: dict[str, float], files: list[Path],
+               folder: str) -> None:
+    """Metrics (step 0) and files (under `folder/`) onto an existing run."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(ms), 1000):
+        client.log_batch(run_id, metrics=ms[i:i + 1000])
+    for f in files:
+        client.log_artifact(run_id, str(f), folder)
+
+
+def track_single(cfg: Config, dense: Any, result: dict[str, Any]) -> str:
+    """A run without a sweep (sweep=null): one top-level run holding the trial's record."""
+    t = Tracker(cfg)
+    run_id = t.child(cfg.name, flatten({"search": cfg.search.model_dump(),
+                                        "finetune": cfg.finetune.model_dump()}))
+    t._log_dataset(run_id)
+    t.log_dense(run_id, dense)
+    t.log_trial(run_id, result, dense.cost.device_hours)
+    return run_id
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "timm", "safetensors", "numpy")]
+
+
+class TrackingCallback(Callback):
+    """Tune callback in the driver: child runs follow trials as they start, report, end."""
+
+    def __init__(self, tracker: Tracker, pretrain_share: float):
+        self.cfg, self.parent_id = tracker.cfg, tracker.parent_id
+        self.pretrain_share = pretrain_share
+        self._tracker: Tracker | None = tracker
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
+        return {**self.__dict__, "_tracker": None}
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:  # unpickled: reconnect to the same runs
+            self._tracker = Tracker(self.cfg)
+            self._tracker.attach(self.parent_id)
+        return self._tracker
+
+    def run_id(self, trial_id: str) -> str | None:
+        return self.tracker.children.get(trial_id)
+
+    def _safely(self, what: str, fn, *args) -> None:
+        """A tracking hiccup (server restart, full disk) is reported, never kills the sweep:
+        the trial's results stay in results.parquet and its folder."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            print(f"[mlflow] WARNING: could not {what}: {type(e).__name__}: {e}", flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self._safely(f"create the run of trial {trial.trial_id}", self.tracker.child,
+                     trial.trial_id, dict(trial.config or {}))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        def log() -> None:
+            run_id = self.tracker.child(trial.trial_id, dict(trial.config or {}))
+            if result.get("phase") == "done":
+                self.tracker.log_trial(run_id, result, self.pretrain_share)
+            else:
+                self.tracker.log_progress(run_id, result)
+
+        self._safely(f"log trial {trial.trial_id}", log)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        if (run_id := self.run_id(trial.trial_id)) is not None:
+            self._safely("mark a failed run", self.tracker.end, run_id, "FAILED", "failed")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        if (trial.last_result or {}).get("phase") != "done" and (
+                run_id := self.run_id(trial.trial_id)) is not None:
+            self._safely("mark a stopped run", self.tracker.end, run_id, "KILLED",
+                         "stopped_early")
