@@ -140,7 +140,11 @@ class Tracker:
             **_code_version(), "ofb_role": "sweep", "ofb_sweep_dir": where,
             "method": cfg.search.method, "dataset": cfg.data.dataset, "model": cfg.model.name})
         self.parent_id = run.info.run_id
-        self._log_params(self.parent_id, flatten(cfg.model_dump()))
+        params = flatten(cfg.model_dump())
+        if cfg.sweep is not None:
+            params["sweep.space"] = json.dumps({k: d.model_dump(exclude_none=True)
+                                               for k, d in cfg.sweep.space.items()})
+        self._log_params(self.parent_id, params)
         self._log_dataset(self.parent_id)
         self.log_dense(self.parent_id, dense)
         return self.parent_id
@@ -255,7 +259,7 @@ class Tracker:
             warnings.simplefilter("ignore")  # "add type hints", "no input example"
             with mlflow.start_run(run_id=run_id, nested=True):
                 info = mlflow.pyfunc.log_model(
-                    name="subnet", python_model=str(SUBNET_MODEL_CODE),
+                    name="subnet_model", python_model=str(SUBNET_MODEL_CODE),
                     artifacts={"subnet": str(subnet)}, code_paths=[str(SEARCH_SPACE_CODE)],
                     signature=sig, pip_requirements=_requirements())
         return info.model_uri
