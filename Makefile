@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install data run test test-fast lint bench clean
+.PHONY: install data browser run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,13 @@ install: $(STAMP)
 data:
 	bash scripts/ensure_data.sh
 
+browser:  ## headless Chromium + chromedriver (Debian) for the MLflow UI test
+	bash scripts/ensure_browser.sh
+
 run: install data  ## the main job on the built-in default config
 	$(PY) -m orchestrator.run $(ARGS)
 
-test: install data  ## lint + the whole test suite (what CI runs)
+test: install data browser  ## lint + the whole test suite (what CI runs)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 

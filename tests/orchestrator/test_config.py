@@ -92,3 +92,15 @@ def test_phase_keys_follow_their_settings():
     assert a.search_key() != b.search_key() and a.finetune_key() != b.finetune_key()
     assert a.search_key() == c.search_key() and a.finetune_key() != c.finetune_key()
     assert a.pretrain_key() == b.pretrain_key()
+
+
+def test_unreachable_tracking_server_fails_before_ray(tmp_path):
+    from tests.conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    r = _run(f"output_dir={tmp_path}", f"mlflow.tracking_uri={uri}")
+    assert r.returncode == 2
+    assert f"mlflow.tracking_uri={uri!r}: no MLflow server answers there" in r.stderr
+    assert "mlflow server --host 127.0.0.1" in r.stderr and "Ray" not in r.stdout
+    r = _run("--dry-run", f"output_dir={tmp_path}", "mlflow.tracking_uri=./mlruns")
+    assert r.returncode == 2 and "MLflow 3 refuses file stores" in r.stderr

@@ -167,3 +167,62 @@ def test_report_command(tracked_sweep, mlflow_server, tmp_path):
                          "--no-log"], capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout.split("\n\n")[0] == r.stdout.split("\n\n")[0]
+
+
+@pytest.mark.browser
+def test_mlflow_ui_shows_the_sweep(tracked_sweep, mlflow_server):
+    """Headless Chromium (Debian's) opens the UI served on loopback and finds every run."""
+    import shutil
+    import time
+
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver_bin):
+        pytest.fail("chromium/chromedriver missing: run `make browser` (scripts/ensure_browser.sh)")
+    c, parents, children = _runs(mlflow_server, "tracked")
+    exp_id, parent = parents[0].info.experiment_id, parents[0].info.run_id
+    kids = {ch.info.run_id: ch.info.run_name for ch in children}
+    opts = Options()
+    opts.binary_location = browser
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--disable-background-networking", "--disable-extensions", "--no-first-run",
+              "--window-size=1600,1000"):
+        opts.add_argument(a)
+    # an explicit driver path: Selenium Manager never tries to download one
+    driver = webdriver.Chrome(service=Service(executable_path=driver_bin), options=opts)
+
+    def link(run_id):
+        return By.CSS_SELECTOR, f'a[href$="/runs/{run_id}"]'
+
+    def shows(d, run_id, name):
+        return any(e.is_displayed() and e.text == name for e in d.find_elements(*link(run_id)))
+
+    try:
+        wait = WebDriverWait(driver, 60, 0.2, (StaleElementReferenceException,))
+        # MLflow 3 opens experiments on its GenAI page; the runs table is the ML workflow's
+        driver.get(f"{mlflow_server}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+        wait.until(lambda d: shows(d, parent, "sweep-tracked"))
+        expand = (By.CSS_SELECTOR,
+                  f'[row-id="{parent}"] [col-id="attributes.`Run Name`"] button')
+        deadline = time.time() + 60
+        while not all(shows(driver, r, n) for r, n in kids.items()):  # children start folded
+            assert time.time() < deadline, "the trial runs never appeared under the sweep run"
+            try:
+                driver.find_element(*expand).click()
+                WebDriverWait(driver, 5, 0.2, (StaleElementReferenceException,)).until(
+                    lambda d: all(shows(d, r, n) for r, n in kids.items()))
+            except (StaleElementReferenceException, TimeoutException):
+                pass
+        for run_id, name in kids.items():  # each trial's page names its parent
+            driver.get(f"{mlflow_server}/#/experiments/{exp_id}/runs/{run_id}")
+            wait.until(lambda d: shows(d, parent, "sweep-tracked"))
+            body = driver.find_element(By.TAG_NAME, "body").text
+            assert name in body and "Parent run" in body
+    finally:
+        driver.quit()
