@@ -51,6 +51,14 @@ def test_three_trial_sweep(ray_cluster, tmp_path, fmnist_dir):
     assert sorted(t["trial_id"] for t in table) == sorted(r["trial_id"] for r in rows)
     assert all(t["method"] == "ofb" and t["macs"] > 0 and t["target_macs"] > 0 for t in table)
     assert {t["search.budget"] for t in table} <= {0.4, 0.6}
+    # the embedded MLflow store (no tracking_uri): an SQLite file under the output folder
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri)
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    for t in table:
+        run = client.get_run(t["mlflow_run_id"])
+        assert run.data.tags["trial_id"] == t["trial_id"] and run.info.status == "FINISHED"
     front = pareto_front(rows, cfg.sweep.objectives)
     assert 1 <= len(front) <= 3
     for r in rows:  # nothing beats a front member on both objectives
