@@ -1,0 +1,108 @@
+"""Physical pruning of a plain timm ViT by kept unit indices: the two-stage methods' extraction.
+
+Units (the same as OFB's search space): embedding channels (D,), per block attention units
+(head, dim) shared by q, k and v, and MLP hidden units. A `PrunePlan` lists what survives; every
+kept head keeps the same number of dims (timm's Attention has one head_dim), each head its own
+dims. `apply_plan` slices the weights into a smaller timm ViT, exported like OFB's subnets.
+
+Exactness: attention and MLP slicing is exact for the kept units (the softmax scale of the dense
+head dim is folded into q's rows); slicing embedding channels changes LayerNorm statistics (over
+the kept channels), as in OFB's embedding search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from search_space.arch import BlockArch, ViTArch
+from search_space.cost import count_macs
+from search_space.subnet import build_from_arch
+
+
+@dataclass
+class PrunePlan:
+    embed: torch.Tensor  # (D',) kept embedding channels, sorted
+    heads: list[torch.Tensor]  # per block (h',) kept heads, sorted
+    dims: list[torch.Tensor]  # per block (h', d') kept dims of each kept head, sorted per row
+    mlp: list[torch.Tensor]  # per block (m',) kept hidden units, sorted
+
+    @classmethod
+    def full(cls, arch: ViTArch) -> PrunePlan:
+        return cls(torch.arange(arch.embed_dim),
+                   [torch.arange(b.num_heads) for b in arch.blocks],
+                   [torch.arange(b.head_dim).repeat(b.num_heads, 1) for b in arch.blocks],
+                   [torch.arange(b.mlp_hidden) for b in arch.blocks])
+
+    def arch(self, dense: ViTArch) -> ViTArch:
+        blocks = tuple(BlockArch(len(h), d.shape[1], len(m))
+                       for h, d, m in zip(self.heads, self.dims, self.mlp, strict=True))
+        return ViTArch(**{**dense.to_dict(), "embed_dim": len(self.embed), "blocks": blocks})
+
+    def macs(self, dense: ViTArch) -> int:
+        return count_macs(self.arch(dense))
+
+
+def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, sorted (k >= 1)."""
+    k = max(1, min(int(k), scores.numel()))
+    return torch.sort(torch.topk(scores.detach().flatten(), k).indices).values
+
+
+def attn_rows(heads: torch.Tensor, dims: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Flat q (or k, or v) output indices of the kept (head, dim) units: (h' * d',)."""
+    return (heads[:, None] * head_dim + dims).reshape(-1)
+
+
+@torch.no_grad()
+def apply_plan(vit: VisionTransformer, plan: PrunePlan) -> tuple[VisionTransformer, ViTArch]:
+    """A new, physically smaller timm ViT holding the kept units' weights."""
+    dense = ViTArch.from_timm(vit)
+    arch = plan.arch(dense)
+    sd = {k: v.detach().clone() for k, v in vit.state_dict().items()}
+    e = plan.embed.to(sd["cls_token"].device)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            continue
+        if k in ("cls_token", "pos_embed", "reg_token"):
+            out[k] = v[..., e]
+        elif k.startswith("patch_embed.proj.") or k in ("norm.weight", "norm.bias",
+                                                          "fc_norm.weight", "fc_norm.bias"):
+            out[k] = v[e]
+        elif k == "head.weight":
+            out[k] = v[:, e]
+        else:
+            out[k] = v
+    for i, (blk_d, heads, dims, mlp) in enumerate(zip(dense.blocks, plan.heads, plan.dims,
+                                                      plan.mlp, strict=True)):
+        p = f"blocks.{i}."
+        inner = blk_d.num_heads * blk_d.head_dim
+        rows = attn_rows(heads, dims, blk_d.head_dim)
+        qkv_rows = torch.cat([rows, rows + inner, rows + 2 * inner])
+        q_fix = (dims.shape[1] / blk_d.head_dim) ** 0.5  # 1/sqrt(d) kept with head_dim d'
+        scale = torch.cat([torch.full_like(rows, 1, dtype=torch.float32) * q_fix,
+                           torch.ones(2 * len(rows))])
+        for name in ("norm1", "norm2"):
+            for t in ("weight", "bias"):
+                if p + f"{name}.{t}" in sd:
+                    out[p + f"{name}.{t}"] = sd[p + f"{name}.{t}"][e]
+        out[p + "attn.qkv.weight"] = sd[p + "attn.qkv.weight"][qkv_rows][:, e] * scale[:, None]
+        if p + "attn.qkv.bias" in sd:
+            out[p + "attn.qkv.bias"] = sd[p + "attn.qkv.bias"][qkv_rows] * scale
+        out[p + "attn.proj.weight"] = sd[p + "attn.proj.weight"][e][:, rows]
+        out[p + "mlp.fc1.weight"] = sd[p + "mlp.fc1.weight"][mlp][:, e]
+        out[p + "mlp.fc2.weight"] = sd[p + "mlp.fc2.weight"][e][:, mlp]
+        for name in ("attn.proj.bias", "mlp.fc2.bias"):
+            if p + name in sd:
+                out[p + name] = sd[p + name][e]
+        if p + "mlp.fc1.bias" in sd:
+            out[p + "mlp.fc1.bias"] = sd[p + "mlp.fc1.bias"][mlp]
+        for k in sd:  # anything else in the block (e.g. layer scale) follows the stream
+            if k.startswith(p) and k not in out and k.endswith(("gamma", "ls1.gamma")):
+                out[k] = sd[k][e]
+    model = build_from_arch(arch, device=sd["cls_token"].device)
+    model.load_state_dict(out, strict=True)
+    return model.eval(), arch
