@@ -237,8 +237,8 @@ def trial_result(cfg: Config, search: SearchResult, tuned: FinetuneResult,
     f = search.final
     top1 = tuned.metrics["test_top1"]
     feasible = cfg.sweep is None or cfg.sweep.max_macs is None or f["macs"] <= cfg.sweep.max_macs
-    target = (cfg.search.target_gmacs * 1e9 if cfg.search.target_gmacs
-              else cfg.search.budget * f["dense_macs"])
+    target = f.get("target_macs") or (cfg.search.target_gmacs * 1e9 if cfg.search.target_gmacs
+                                      else cfg.search.budget * f["dense_macs"])
     return {
         "phase": "done", "method": cfg.search.method, "target_macs": target,
         "macs": f["macs"], "feasible": feasible,

@@ -130,9 +130,8 @@ def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float) -> Pru
     flat_a = torch.cat([a.flatten() for a in s.attn])
     flat_m = torch.cat([m.flatten() for m in s.mlp])
 
-    def plan(keep: float) -> PrunePlan:
-        q = 1.0 - keep
-        ta, tm = torch.quantile(flat_a, q), torch.quantile(flat_m, q)
+    def attn_part(keep: float) -> tuple[list[torch.Tensor], list[int]]:
+        ta = torch.quantile(flat_a, 1.0 - keep)
         heads, k_dims = [], []
         for a in s.attn:
             above = (a > ta).sum(1)  # (H,)
@@ -141,10 +140,18 @@ def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float) -> Pru
                 h = a.max(1).values.argmax().reshape(1)
             heads.append(h)
             k_dims.append(max(1, round(float(above[h].float().mean()))))
-        k_mlp = [max(1, int((m > tm).sum())) for m in s.mlp]
-        return _plan_from_counts(s, dense.embed_dim, heads, k_dims, k_mlp)
+        return heads, k_dims
 
-    return plan(_bisect(lambda k: plan(k).macs(dense) <= target_macs))
+    def plan(keep_attn: float, keep_mlp: float) -> PrunePlan:
+        tm = torch.quantile(flat_m, 1.0 - keep_mlp)
+        k_mlp = [max(1, int((m > tm).sum())) for m in s.mlp]
+        return _plan_from_counts(s, dense.embed_dim, *attn_part(keep_attn), k_mlp)
+
+    keep = _bisect(lambda k: plan(k, k).macs(dense) <= target_macs)
+    # One head_dim per block makes the attention side move in steps of a whole row of dims;
+    # the MLP threshold alone then takes up the slack those steps leave below the target.
+    keep_mlp = _bisect(lambda k: plan(keep, max(k, keep)).macs(dense) <= target_macs)
+    return plan(keep, max(keep_mlp, keep))
 
 
 def _bisect(ok, iters: int = 40) -> float:

@@ -122,6 +122,15 @@ class SearchConfig(_Section):
         "null = always (as published)")
     eliminations_per_epoch: int = Field(3, ge=1)
     elimination_factor: float = Field(0.2, gt=0, lt=1)
+    # two-stage pruners (two_stage_taylor, two_stage_magnitude)
+    score_batches: int = Field(32, ge=1, description="batches of |w * grad| (Taylor scoring)")
+    allocation: Literal["global", "uniform"] = Field(
+        "global", description="global: budget-aware ranking across modules; uniform: the same "
+        "fraction in every module")
+    prune_embed: bool = Field(True, description="two-stage: prune embedding channels too")
+    # ViT-Slim (l1 weights of METHODS.md section 2, DeiT-S values)
+    slim_l1_attn: float = Field(2e-4, ge=0, description="ViT-Slim: l1 weight on |zeta_attn|")
+    slim_l1_mlp: float = Field(5e-5, ge=0, description="ViT-Slim: l1 weight on |zeta_mlp|")
 
 
 class ScalingConfig(_Section):

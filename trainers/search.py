@@ -61,15 +61,17 @@ def search_loop(config: dict[str, Any]) -> None:
         splits.train, per_worker_batch, shuffle=True, workers=cfg.data.loader_workers,
         seed=cfg.seed, drop_last=True))
     steps_per_epoch = len(loader)
-    cap_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
-    n_epochs = math.ceil(cap_steps / steps_per_epoch)
     method = get_method(sc.method)(sc, steps_per_epoch, dense_arch)
+    cap_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
+    if (needed := method.max_steps()) is not None:  # e.g. two-stage scoring: a few batches
+        cap_steps = min(cap_steps, needed)
+    n_epochs = math.ceil(cap_steps / steps_per_epoch)
     model = method.wrap(dense)
 
     def make_optimizer(m):
         opt = torch.optim.AdamW(method.param_groups(m), lr=sc.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(
-            cap_steps, int(sc.warmup_epochs * steps_per_epoch), sc.lr, sc.min_lr))
+            max(cap_steps, 1), int(sc.warmup_epochs * steps_per_epoch), sc.lr, sc.min_lr))
         return opt, sched
 
     start_epoch, elapsed, resumed_from, history = 0, 0.0, 0, []
@@ -134,6 +136,7 @@ def search_loop(config: dict[str, Any]) -> None:
     final: dict[str, Any] = {"phase": "search_done", "epoch": len(history),
                              "macs": cost.macs, "params": cost.params,
                              "dense_macs": cost_of(dense_arch).macs, "note": note,
+                             "target_macs": method.target_macs,
                              "resumed_from_epoch": resumed_from, "node_id": worker.node_id()}
     if splits.val is not None:
         final["val_top1_before_finetune"] = eval_split(subnet, splits.val, cfg, env)["top1"]

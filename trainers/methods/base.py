@@ -53,6 +53,13 @@ class SearchMethod:
         raise NotImplementedError
 
     # --- optional hooks --------------------------------------------------------------------
+    target_macs: float | None = None  # what the method aims at (reported with the subnet)
+
+    def max_steps(self) -> int | None:
+        """Steps the search needs at most (None: `search.epochs` decides). Two-stage scoring
+        needs a few batches, a control none."""
+        return None
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 

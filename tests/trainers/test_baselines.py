@@ -1,0 +1,67 @@
+"""ViT-Slim, the two-stage pruners and the dense control through the shared loop's hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from search_space.arch import ViTArch
+from search_space.cost import count_macs
+from search_space.models import build_vit
+from trainers.config import DataConfig, SearchConfig
+from trainers.data import build_splits, make_loader
+from trainers.loop import train_one_epoch
+from trainers.methods import get_method, list_methods
+
+
+def _run(name: str, budget: float, **search):
+    torch.manual_seed(0)
+    s = build_splits(DataConfig(dataset="synthetic", synthetic_size=384), 0)
+    vit = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3,
+                    num_classes=4, embed_dim=48, depth=2, num_heads=4)
+    dense = {k: v.clone() for k, v in vit.state_dict().items()}
+    cfg = SearchConfig(method=name, budget=budget, score_batches=4, lr=1e-3, **search)
+    loader = make_loader(s.train, 32, True, drop_last=True)
+    method = get_method(name)(cfg, len(loader), ViTArch.from_timm(vit))
+    model = method.wrap(vit)
+    opt = torch.optim.AdamW(method.param_groups(model), lr=cfg.lr)
+    st = None
+    steps = method.max_steps()
+    if not method.finished(model):
+        st = train_one_epoch(model, loader, opt, None, torch.device("cpu"), method=method,
+                             max_steps=steps)
+    subnet, arch = method.extract(model)
+    return method, model, subnet, arch, st, dense
+
+
+def test_registry_has_every_method():
+    assert {"ofb", "vit_slim", "two_stage_taylor", "two_stage_magnitude",
+            "dense_control"} <= set(list_methods())
+
+
+@pytest.mark.parametrize("name", ["two_stage_taylor", "two_stage_magnitude", "vit_slim"])
+@pytest.mark.parametrize("budget", [0.5, 0.3])
+def test_subnet_meets_the_budget(name, budget):
+    method, model, subnet, arch, st, dense = _run(name, budget)
+    target = budget * count_macs(method.dense_arch)
+    assert method.target_macs == pytest.approx(target)
+    assert target * 0.98 <= count_macs(arch) <= target
+    assert count_macs(ViTArch.from_timm(subnet)) == count_macs(arch)
+    assert subnet(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    if name == "vit_slim":
+        assert "l1" in st.terms
+        assert method.metrics(model)["zeta_attn_mean"] < 1.0  # l1 pulls zeta down
+    elif name == "two_stage_taylor":
+        assert method.batches == 4 and st.steps == 4  # scored 4 batches, then stopped
+    if name.startswith("two_stage"):  # stage 1 never changes the weights (lr 0)
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in dense.items())
+
+
+def test_uniform_allocation_and_the_dense_control():
+    method, _, subnet, arch, _, _ = _run("two_stage_taylor", 0.5, allocation="uniform")
+    assert len({b.mlp_hidden for b in arch.blocks}) == 1
+    assert count_macs(arch) <= 0.5 * count_macs(method.dense_arch)
+    method, _, subnet, arch, st, _ = _run("dense_control", 0.5)
+    assert st is None and arch == method.dense_arch  # not pruned, not trained
+    assert method.target_macs == count_macs(arch)

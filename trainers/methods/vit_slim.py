@@ -1,0 +1,68 @@
+"""ViT-Slim (CVPR 2022) as a method of the shared search loop: a two-stage baseline.
+
+Stage 1 (the search phase): weights and multipliers zeta train together for `search.epochs`
+with CE + w1 sum|zeta_attn| + w2 sum|zeta_mlp| (`search.slim_l1_attn`, `search.slim_l1_mlp`;
+one AdamW, lr `search.lr`, zeta without weight decay). Stage 2 (`extract`): zeta is folded into
+the weights (the kept units keep their learned scale: the pruned model computes what the
+searched one did, minus the pruned units), then one global threshold per unit type, at the
+quantile that meets the MACs budget (counted by the shared analytic counter, not a parameter
+fraction as published), picks the units; the subnet is physically sliced (the original only
+masked) and exported like OFB's, then fine-tuned by the same fine-tune loop.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from search_space.allocate import allocate_threshold
+from search_space.arch import ViTArch
+from search_space.cost import count_macs
+from search_space.models import unwrap
+from search_space.prune import apply_plan
+from search_space.slim import SlimViT
+from trainers.methods.base import SearchMethod, register_method
+
+
+@register_method("vit_slim")
+class ViTSlim(SearchMethod):
+    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch):
+        super().__init__(cfg, steps_per_epoch, dense_arch)
+        self.dense_macs = count_macs(dense_arch)
+        self.target_macs = (cfg.target_gmacs * 1e9 if cfg.target_gmacs
+                            else cfg.budget * self.dense_macs)
+
+    def wrap(self, dense: nn.Module) -> SlimViT:
+        return SlimViT(dense)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        sv: SlimViT = unwrap(model)
+        zetas = {id(z) for z in sv.zetas()}
+        weights = [p for p in sv.parameters() if id(p) not in zetas and p.requires_grad]
+        return [{"params": weights, "weight_decay": self.cfg.weight_decay},
+                {"params": sv.zetas(), "weight_decay": 0.0}]
+
+    def extra_loss(self, model, images, logits, aux, ce) -> dict[str, torch.Tensor]:
+        return {"l1": unwrap(model).l1(self.cfg.slim_l1_attn, self.cfg.slim_l1_mlp)}
+
+    def finished(self, model: nn.Module) -> bool:
+        return False  # searches for search.epochs, as published (50 epochs on ImageNet)
+
+    def extract(self, model: nn.Module) -> tuple[nn.Module, ViTArch]:
+        sv: SlimViT = copy.deepcopy(unwrap(model))
+        scores = sv.scores()
+        plan = allocate_threshold(scores, self.dense_arch, self.target_macs)
+        return apply_plan(sv.fold(), plan)
+
+    def metrics(self, model: nn.Module) -> dict[str, Any]:
+        sv: SlimViT = unwrap(model)
+        with torch.no_grad():
+            za = torch.cat([z.abs() for z in sv.zeta_attn])
+            zm = torch.cat([z.abs() for z in sv.zeta_mlp])
+        return {"target_macs": self.target_macs, "zeta_attn_mean": float(za.mean()),
+                "zeta_mlp_mean": float(zm.mean()),
+                "zeta_attn_below_0.1": float((za < 0.1).float().mean()),
+                "zeta_mlp_below_0.1": float((zm < 0.1).float().mean())}
