@@ -18,7 +18,6 @@ from pydantic import Field, ValidationError, model_validator
 
 from orchestrator.sweep_space import SweepConfig
 from trainers.config import TrainConfig, _Section
-from trainers.methods import list_methods
 
 DEFAULT_CONFIG = "default.yaml"  # packaged in orchestrator/
 
@@ -69,12 +68,6 @@ class Config(TrainConfig):
     def cache_path(self) -> Path:
         base = self.cache_dir or str(Path(self.output_dir) / "cache")
         return Path(base).expanduser().resolve()
-
-    @model_validator(mode="after")
-    def _known_method(self) -> Config:
-        if self.search.method not in list_methods():
-            raise ValueError(f"search.method={self.search.method!r}; allowed: {list_methods()}")
-        return self
 
     @model_validator(mode="after")
     def _sweep_keys_exist(self) -> Config:

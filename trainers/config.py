@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -131,6 +131,15 @@ class SearchConfig(_Section):
     # ViT-Slim (l1 weights of METHODS.md section 2, DeiT-S values)
     slim_l1_attn: float = Field(2e-4, ge=0, description="ViT-Slim: l1 weight on |zeta_attn|")
     slim_l1_mlp: float = Field(5e-5, ge=0, description="ViT-Slim: l1 weight on |zeta_mlp|")
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from trainers.methods import list_methods  # the registry imports no config
+
+        if v not in list_methods():
+            raise ValueError(f"search.method={v!r}; allowed: {list_methods()}")
+        return v
 
 
 class ScalingConfig(_Section):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.phases import run_pretrain
@@ -103,3 +105,40 @@ def test_asha_stops_lagging_trials_and_releases_their_workers(ray_cluster, tmp_p
     while time.time() < deadline and ray.available_resources().get("CPU", 0) < 2:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) >= 2
+
+
+def test_one_sweep_compares_methods_at_one_budget(ray_cluster, tmp_path, fmnist_dir):
+    """method is a sweep dimension: OFB, ViT-Slim, the Taylor pruner and the dense control."""
+    from orchestrator.report import Dense, build
+    from search_space.subnet import load_subnet
+
+    methods = ["ofb", "vit_slim", "two_stage_taylor", "dense_control"]
+    space = {"search.method": {"type": "choice", "values": methods},
+             "search.budget": {"type": "choice", "values": [0.5]}}
+    over = tiny_overrides(tmp_path, **{
+        "name": "cmp", "search.epochs": 6, "search.warmup_epochs": 0.5, "search.alpha_lr": 0.05,
+        "search.eliminations_per_epoch": 4, "search.score_batches": 4, "finetune.epochs": 0.5,
+        "mlflow.log_models": False})
+    over += [f"sweep.num_samples={len(methods)}", f"sweep.space={json.dumps(space)}",
+             "sweep.points_to_evaluate=" + json.dumps(
+                 [{"search.method": m, "search.budget": 0.5} for m in methods])]
+    cfg = load_config(None, over)
+    dense = run_pretrain(cfg)
+    rows = {r["method"]: r for r in run_sweep(cfg, dense, ray_cluster)}
+    assert set(rows) == set(methods)
+    half = 0.5 * dense.macs
+    for m in ("vit_slim", "two_stage_taylor"):
+        assert 0.98 * half <= rows[m]["macs"] <= half, m
+    assert rows["ofb"]["macs"] == pytest.approx(half, rel=0.05)
+    assert rows["dense_control"]["macs"] == dense.macs == rows["dense_control"]["target_macs"]
+    for r in rows.values():
+        arch = json.loads((Path(r["subnet_path"]) / "arch.json").read_text())
+        assert arch["macs"] == r["macs"]
+        assert load_subnet(r["subnet_path"])(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+        assert 0 <= r["top1_before_finetune"] <= 1 and r["search_device_hours"] >= 0
+    rep = build(list(rows.values()), Dense(0.8, dense.macs, dense.cost.device_hours))
+    assert {(g["method"], g["budget"]) for g in rep.groups} == {
+        ("ofb", "50pct"), ("vit_slim", "50pct"), ("two_stage_taylor", "50pct"),
+        ("dense_control", "100pct")}
+    assert "cost_ratio/ofb_vs_two_stage_taylor/50pct" in rep.metrics
+    assert "cost_ratio/ofb_vs_vit_slim/50pct" in rep.metrics
