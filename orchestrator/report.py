@@ -21,6 +21,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REFERENCE = "ofb"  # the one-stage method every other method is compared with
@@ -42,8 +43,29 @@ class Report:
     text: str = ""
 
 
+def budget_label(target_macs: float, dense_macs: float) -> str:
+    """`0.5 x dense` -> "50pct": a registry-alias-safe name for a MACs budget."""
+    return f"{round(100 * target_macs / dense_macs)}pct"
+
+
 def budget_of(row: dict[str, Any]) -> str:
-    return f"{round(100 * row['target_macs'] / row['dense_macs'])}pct"
+    return budget_label(row["target_macs"], row["dense_macs"])
+
+
+def pareto_front(rows: list[dict], objectives: list[Any]) -> list[dict]:
+    """Rows not dominated by any other row under the sweep's objectives."""
+    def better_or_equal(a: dict, b: dict) -> bool:
+        return all((a[o.metric] >= b[o.metric]) if o.mode == "max" else
+                   (a[o.metric] <= b[o.metric]) for o in objectives)
+
+    front = [r for r in rows if not any(
+        better_or_equal(o, r) and any(o[x.metric] != r[x.metric] for x in objectives)
+        for o in rows if o is not r)]
+    return sorted(front, key=lambda r: r.get("macs", 0))
+
+
+TOP1_VS_MACS = [SimpleNamespace(metric="top1", mode="max"),
+                SimpleNamespace(metric="macs", mode="min")]
 
 
 def build(rows: list[dict[str, Any]], dense: Dense) -> Report:
@@ -141,10 +163,7 @@ def plot_pareto(rows: list[dict[str, Any]], dense: Dense, path: Path, title: str
         ax.scatter([r["macs"] / 1e6 for r in rs], [100 * r["top1"] for r in rs],
                    s=[30 + 370 * r["search_device_hours"] / top_h for r in rs], alpha=0.7,
                    label=method, edgecolors="black", linewidths=0.5)
-    front = sorted((r for r in rows if not any(
-        o["top1"] >= r["top1"] and o["macs"] <= r["macs"] and o is not r
-        and (o["top1"], o["macs"]) != (r["top1"], r["macs"]) for o in rows)),
-        key=lambda r: r["macs"])
+    front = pareto_front(rows, TOP1_VS_MACS)
     if front:
         ax.plot([r["macs"] / 1e6 for r in front], [100 * r["top1"] for r in front], "k--",
                 lw=1, label="Pareto front", drawstyle="steps-post")

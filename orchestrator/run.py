@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sweep(cfg: Config, dense, resources: dict, summary: dict) -> int:
-    from orchestrator.sweep import format_table, pareto_front, run_sweep
+    from orchestrator.report import pareto_front
+    from orchestrator.sweep import format_table, run_sweep
 
     rows = run_sweep(cfg, dense, resources)
     front = pareto_front(rows, cfg.sweep.objectives)

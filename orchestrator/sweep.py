@@ -183,18 +183,6 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
     return rows
 
 
-def pareto_front(rows: list[dict], objectives: list[Any]) -> list[dict]:
-    """Rows not dominated by any other row under the sweep's objectives."""
-    def better_or_equal(a: dict, b: dict) -> bool:
-        return all((a[o.metric] >= b[o.metric]) if o.mode == "max" else
-                   (a[o.metric] <= b[o.metric]) for o in objectives)
-
-    front = [r for r in rows if not any(
-        better_or_equal(o, r) and any(o[x.metric] != r[x.metric] for x in objectives)
-        for o in rows if o is not r)]
-    return sorted(front, key=lambda r: r.get("macs", 0))
-
-
 def format_table(rows: list[dict], keys: list[str]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):

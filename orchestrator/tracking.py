@@ -29,6 +29,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.config import Config, ConfigError
+from orchestrator.report import budget_label
 
 SUBNET_MODEL_CODE = Path(__file__).with_name("subnet_pyfunc.py")
 SEARCH_SPACE_CODE = Path(__file__).resolve().parents[1] / "search_space"
@@ -64,11 +65,6 @@ def check_store(cfg: Config) -> None:
     elif uri.startswith("file:") or "://" not in uri:
         raise ConfigError(f"mlflow.tracking_uri={uri!r}: MLflow 3 refuses file stores; use "
                           "sqlite:///PATH/mlflow.db or an http:// server")
-
-
-def budget_label(target_macs: float, dense_macs: float) -> str:
-    """`0.5 x dense` -> "50pct": a registry-alias-safe name for a MACs budget."""
-    return f"{round(100 * target_macs / dense_macs)}pct"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -183,17 +179,7 @@ class Tracker:
 
     def _metrics(self, run_id: str, values: dict[str, Any], step: int = 0,
                  stamp: int | None = None) -> None:
-        """`stamp` (ms) fixed by the caller makes a repeated log a no-op: MLflow drops metrics
-        equal in key, value, step and timestamp."""
-        import time
-
-        from mlflow.entities import Metric
-
-        now = stamp or int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, step) for k, v in values.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if ms:
-            self.client.log_batch(run_id, metrics=ms)
+        log_metrics(self.client, run_id, values, step, stamp)
 
     def child(self, trial_id: str, params: dict[str, Any]) -> str:
         """The run of one trial (nested under the sweep's parent), created once."""
@@ -307,17 +293,25 @@ class Tracker:
         self.client.set_terminated(self.parent_id, "FINISHED")
 
 
-def log_to_run(client: Any, run_id: str, metrics: dict[str, float], files: list[Path],
-               folder: str) -> None:
-    """Metrics (step 0) and files (under `folder/`) onto an existing run."""
+def log_metrics(client: Any, run_id: str, values: dict[str, Any], step: int = 0,
+                stamp: int | None = None) -> None:
+    """Numeric `values` at `step`. A `stamp` (ms) fixed by the caller makes a repeated log a
+    no-op: MLflow drops metrics equal in key, value, step and timestamp."""
     import time
 
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
-    for i in range(0, len(ms), 1000):
+    now = stamp or int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, step) for k, v in values.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for i in range(0, len(ms), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=ms[i:i + 1000])
+
+
+def log_to_run(client: Any, run_id: str, metrics: dict[str, float], files: list[Path],
+               folder: str) -> None:
+    """Metrics (step 0) and files (under `folder/`) onto an existing run."""
+    log_metrics(client, run_id, metrics)
     for f in files:
         client.log_artifact(run_id, str(f), folder)
 

@@ -11,7 +11,8 @@ import torch
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.phases import run_pretrain
-from orchestrator.sweep import pareto_front, run_sweep, trials_that_fit
+from orchestrator.report import pareto_front
+from orchestrator.sweep import run_sweep, trials_that_fit
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.ray

@@ -26,9 +26,6 @@ class DenseControl(SearchMethod):
     def finished(self, model: nn.Module) -> bool:
         return True
 
-    def max_steps(self) -> int | None:
-        return 0
-
     def extract(self, model: nn.Module) -> tuple[nn.Module, ViTArch]:
         m = unwrap(model)
         return m, ViTArch.from_timm(m)

@@ -44,7 +44,7 @@ class TwoStage(SearchMethod):
                  "weight_decay": 0.0}]  # stage 1 only measures: weights stay the dense ones
 
     def max_steps(self) -> int | None:
-        return self.cfg.score_batches if self.criterion == "taylor" else 0
+        return self.cfg.score_batches  # magnitude needs none: finished() holds from the start
 
     def finished(self, model: nn.Module) -> bool:
         return self.criterion != "taylor" or self.batches >= self.cfg.score_batches
