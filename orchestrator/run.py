@@ -48,7 +48,7 @@ def preflight(cfg: Config) -> None:
     c = cost_of(ViTArch.from_timm(model))
     print(f"[run] model {cfg.model.name}: {c.gmacs * 1e3:.1f} M MACs/image, "
           f"{c.mparams:.2f} M params", flush=True)
-    splits = build_splits(cfg.data, cfg.seed)
+    splits = build_splits(cfg.data)
     val = len(splits.val) if splits.val is not None else 0
     print(f"[run] data {cfg.data.dataset}: {len(splits.train)} train / {val} val / "
           f"{len(splits.test)} test images", flush=True)

@@ -25,6 +25,9 @@ class DataConfig(_Section):
     )
     download: bool = Field(False, description="CIFAR only: let torchvision download it")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = Field(0, description="seeds the train/val split (and synthetic data): "
+                            "fixed while `seed` is swept, so no trial validates on images the "
+                            "shared dense model trained on")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
     batch_size: int = Field(128, ge=1, description="global batch, split over Ray workers")

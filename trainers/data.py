@@ -207,8 +207,10 @@ def _limit(ds: Dataset | None, n: int | None) -> Dataset | None:
     return Subset(ds, range(n))
 
 
-def build_splits(cfg: Any, seed: int, img_size: int | None = None) -> DataSplits:
-    """Build the three splits named by a `DataConfig`, truncated to max_*_samples."""
+def build_splits(cfg: Any, img_size: int | None = None) -> DataSplits:
+    """Build the three splits named by a `DataConfig`, truncated to max_*_samples. The split is
+    seeded by `cfg.split_seed`, not the run's seed: trials of a seed sweep share one split."""
+    seed = cfg.split_seed
     if cfg.dataset not in DATASETS:
         raise DataError(f"data.dataset={cfg.dataset!r}; allowed: {sorted(DATASETS)}")
     build = DATASETS[cfg.dataset]

@@ -51,7 +51,7 @@ def search_loop(config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(config["train"])
     sc = cfg.search
     env = worker.setup_worker(cfg.scaling, cfg.seed)
-    splits = build_splits(cfg.data, cfg.seed)
+    splits = build_splits(cfg.data)
     dense = build_dense(cfg, pretrained=False)
     load_weights(dense, config["dense"])
     dense_arch = ViTArch.from_timm(dense)

@@ -58,7 +58,7 @@ def supervised_loop(config: dict[str, Any]) -> None:
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r}; allowed: {PHASES}")
     env = worker.setup_worker(cfg.scaling, cfg.seed)
-    splits = build_splits(cfg.data, cfg.seed)
+    splits = build_splits(cfg.data)
     if phase == "pretrain":
         model, rc = build_dense(cfg), cfg.pretrain
     else:

@@ -110,7 +110,7 @@ def test_subnet_models_and_registry_alias(tracked_sweep, mlflow_server, fmnist_d
     cfg, _, rows = tracked_sweep
     c, _, children = _runs(mlflow_server, "tracked")
     mlflow.set_tracking_uri(mlflow_server)
-    splits = build_splits(cfg.data, cfg.seed)
+    splits = build_splits(cfg.data)
     x = torch.stack([splits.test[i][0] for i in range(8)])
     by_trial = {r["trial_id"]: r for r in rows}
     for ch in children:

@@ -16,7 +16,7 @@ from trainers.methods import get_method, list_methods
 
 def _run(name: str, budget: float, **search):
     torch.manual_seed(0)
-    s = build_splits(DataConfig(dataset="synthetic", synthetic_size=384), 0)
+    s = build_splits(DataConfig(dataset="synthetic", synthetic_size=384))
     vit = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3,
                     num_classes=4, embed_dim=48, depth=2, num_heads=4)
     dense = {k: v.clone() for k, v in vit.state_dict().items()}

@@ -17,7 +17,7 @@ from trainers.methods import SearchMethod, get_method, list_methods, register_me
 
 def _setup(**search):
     torch.manual_seed(0)
-    s = build_splits(DataConfig(dataset="synthetic", synthetic_size=640), 0)
+    s = build_splits(DataConfig(dataset="synthetic", synthetic_size=640))
     vit = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3,
                     num_classes=4, embed_dim=48, depth=2, num_heads=4)
     cfg = SearchConfig(**{"alpha_lr": 0.05, "warmup_epochs": 0.5, "epochs": 20,
