@@ -10,9 +10,9 @@ Three allocators, all measured with the shared analytic counter (search_space/co
 - `allocate_uniform`: every module keeps the same fraction r of its units (all heads kept, r of
   the dims of each), r bisected to the largest value that meets the budget.
 - `allocate_threshold` (ViT-Slim's stage 2): one global threshold per unit type (attention,
-  MLP), both at the same quantile of their type's scores, the quantile bisected to meet the
-  budget. A block keeps the heads with any unit above the threshold and, in each, the mean
-  count of units above it (rounded) as its head_dim.
+  MLP, optionally token positions), all at the same quantile of their type's scores, the
+  quantile bisected to meet the budget. A block keeps the heads with any unit above the
+  threshold and, in each, the mean count of units above it (rounded) as its head_dim.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from search_space.arch import BlockArch, ViTArch
 from search_space.cost import count_macs
 from search_space.importance import UnitScores
 from search_space.prune import PrunePlan, keep_top
+from search_space.tokens import monotone_keep
 
 
 def _plan_from_counts(s: UnitScores, k_embed: int, heads: list[torch.Tensor],
@@ -126,9 +127,16 @@ def allocate_uniform(s: UnitScores, dense: ViTArch, target_macs: float,
     return plan(_bisect(lambda r: plan(r).macs(dense) <= target_macs))
 
 
-def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float) -> PrunePlan:
+def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float,
+                       token_scores: list[torch.Tensor] | None = None) -> PrunePlan:
+    """ViT-Slim's stage 2. With `token_scores` (per block (T,), e.g. |tanh zeta_tok|) tokens are
+    a third type: positions above the token threshold, kept only while every earlier block kept
+    them too (monotone over depth), prefix tokens always (search_space/tokens.py)."""
     flat_a = torch.cat([a.flatten() for a in s.attn])
     flat_m = torch.cat([m.flatten() for m in s.mlp])
+    n_pre = dense.num_prefix_tokens
+    flat_t = (torch.cat([t[n_pre:].flatten() for t in token_scores])
+              if token_scores is not None else None)
 
     def attn_part(keep: float) -> tuple[list[torch.Tensor], list[int]]:
         ta = torch.quantile(flat_a, 1.0 - keep)
@@ -142,10 +150,13 @@ def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float) -> Pru
             k_dims.append(max(1, round(float(above[h].float().mean()))))
         return heads, k_dims
 
-    def plan(keep_attn: float, keep_mlp: float) -> PrunePlan:
+    def plan(keep: float, keep_mlp: float) -> PrunePlan:
         tm = torch.quantile(flat_m, 1.0 - keep_mlp)
         k_mlp = [max(1, int((m > tm).sum())) for m in s.mlp]
-        return _plan_from_counts(s, dense.embed_dim, *attn_part(keep_attn), k_mlp)
+        p = _plan_from_counts(s, dense.embed_dim, *attn_part(keep), k_mlp)
+        if flat_t is not None:
+            p.tokens = monotone_keep(token_scores, torch.quantile(flat_t, 1.0 - keep), n_pre)
+        return p
 
     keep = _bisect(lambda k: plan(k, k).macs(dense) <= target_macs)
     # One head_dim per block makes the attention side move in steps of a whole row of dims;

@@ -50,6 +50,10 @@ class ViTArch:
     layer_scale: bool = False
     fc_norm: bool = False
     pre_norm: bool = False
+    # Token pruning (ViT-Slim's token multipliers): per block, the positions (into the dense
+    # token sequence: prefix tokens first, then patches) that block still sees. None = all.
+    # Monotone over depth: block l's positions are a subset of block l-1's.
+    tokens: tuple[tuple[int, ...], ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -68,6 +72,10 @@ class ViTArch:
     def num_tokens(self) -> int:
         return self.num_patches + self.num_prefix_tokens
 
+    def block_tokens(self, i: int) -> int:
+        """Tokens block i processes."""
+        return self.num_tokens if self.tokens is None else len(self.tokens[i])
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -78,6 +86,8 @@ class ViTArch:
     def from_dict(cls, d: dict[str, Any]) -> ViTArch:
         d = dict(d)
         d["blocks"] = tuple(BlockArch(**b) for b in d["blocks"])
+        if d.get("tokens") is not None:
+            d["tokens"] = tuple(tuple(int(u) for u in t) for t in d["tokens"])
         return cls(**d)
 
     @classmethod
@@ -113,4 +123,5 @@ class ViTArch:
             layer_scale=not isinstance(first.ls1, nn.Identity),
             fc_norm=not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity),
             pre_norm=not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity),
+            tokens=getattr(model, "token_positions", None),  # set by tokens.install_token_pruning
         )

@@ -59,10 +59,9 @@ def stem_head_macs(arch: ViTArch, embed_dim: Number | None = None) -> Number:
 
 def count_macs(arch: ViTArch) -> int:
     """MACs of one forward pass of one image."""
-    t = arch.num_tokens
     total = stem_head_macs(arch)
-    for blk in arch.blocks:
-        total += block_macs(t, arch.embed_dim, blk)
+    for i, blk in enumerate(arch.blocks):
+        total += block_macs(arch.block_tokens(i), arch.embed_dim, blk)
     return int(total)
 
 

@@ -7,7 +7,9 @@ dims. `apply_plan` slices the weights into a smaller timm ViT, exported like OFB
 
 Exactness: attention and MLP slicing is exact for the kept units (the softmax scale of the dense
 head dim is folded into q's rows); slicing embedding channels changes LayerNorm statistics (over
-the kept channels), as in OFB's embedding search.
+the kept channels), as in OFB's embedding search. Dropping token positions (see
+search_space/tokens.py) is not exact: a position masked to ~0 in a search still carried its
+residual stream and k/v biases. That is ViT-Slim's binarisation, recovered by the fine-tune.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class PrunePlan:
     heads: list[torch.Tensor]  # per block (h',) kept heads, sorted
     dims: list[torch.Tensor]  # per block (h', d') kept dims of each kept head, sorted per row
     mlp: list[torch.Tensor]  # per block (m',) kept hidden units, sorted
+    # token pruning (ViT-Slim): per block (k_l,) kept positions, monotone over depth, and the
+    # dense per-position multipliers (T,) the kept ones carry into the subnet (None: all 1)
+    tokens: list[torch.Tensor] | None = None
+    token_scale: list[torch.Tensor] | None = None
 
     @classmethod
     def full(cls, arch: ViTArch) -> PrunePlan:
@@ -39,7 +45,10 @@ class PrunePlan:
     def arch(self, dense: ViTArch) -> ViTArch:
         blocks = tuple(BlockArch(len(h), d.shape[1], len(m))
                        for h, d, m in zip(self.heads, self.dims, self.mlp, strict=True))
-        return ViTArch(**{**dense.to_dict(), "embed_dim": len(self.embed), "blocks": blocks})
+        tokens = (None if self.tokens is None
+                  else tuple(tuple(int(u) for u in t) for t in self.tokens))
+        return ViTArch(**{**dense.to_dict(), "embed_dim": len(self.embed), "blocks": blocks,
+                          "tokens": tokens})
 
     def macs(self, dense: ViTArch) -> int:
         return count_macs(self.arch(dense))
@@ -103,6 +112,11 @@ def apply_plan(vit: VisionTransformer, plan: PrunePlan) -> tuple[VisionTransform
         for k in sd:  # anything else in the block (e.g. layer scale) follows the stream
             if k.startswith(p) and k not in out and k.endswith(("gamma", "ls1.gamma")):
                 out[k] = sd[k][e]
+    if plan.tokens is not None:
+        for i, kept in enumerate(plan.tokens):
+            scale = (torch.ones(len(kept)) if plan.token_scale is None
+                     else plan.token_scale[i].detach()[kept])
+            out[f"blocks.{i}.token_scale"] = scale.to(e.device, torch.float32)
     model = build_from_arch(arch, device=sd["cls_token"].device)
     model.load_state_dict(out, strict=True)
     return model.eval(), arch

@@ -22,6 +22,7 @@ from torch import nn
 
 from search_space.arch import ViTArch
 from search_space.slicing import scale_rows_
+from search_space.tokens import install_token_pruning
 
 ARCH_FILE, WEIGHTS_FILE, ONNX_FILE = "arch.json", "model.safetensors", "model.onnx"
 
@@ -41,6 +42,7 @@ def build_from_arch(arch: ViTArch, device: str | torch.device | None = None) -> 
             blk.attn = Attention(arch.embed_dim, b.num_heads, attn_head_dim=b.head_dim,
                                  qkv_bias=arch.qkv_bias)
             blk.mlp = Mlp(arch.embed_dim, b.mlp_hidden)
+        install_token_pruning(model, arch)
     return model
 
 

@@ -134,6 +134,9 @@ class SearchConfig(_Section):
     # ViT-Slim (l1 weights of METHODS.md section 2, DeiT-S values)
     slim_l1_attn: float = Field(2e-4, ge=0, description="ViT-Slim: l1 weight on |zeta_attn|")
     slim_l1_mlp: float = Field(5e-5, ge=0, description="ViT-Slim: l1 weight on |zeta_mlp|")
+    slim_tokens: bool = Field(False, description="ViT-Slim: also search token positions "
+                              "(monotone over depth; the subnet drops pruned positions)")
+    slim_l1_tok: float = Field(1e-4, ge=0, description="ViT-Slim: l1 weight on |tanh zeta_tok|")
 
     @field_validator("method")
     @classmethod

@@ -65,3 +65,15 @@ def test_uniform_allocation_and_the_dense_control():
     method, _, subnet, arch, st, _ = _run("dense_control", 0.5)
     assert st is None and arch == method.dense_arch  # not pruned, not trained
     assert method.target_macs == count_macs(arch)
+
+
+def test_vit_slim_with_token_multipliers():
+    method, model, subnet, arch, st, _ = _run("vit_slim", 0.4, slim_tokens=True)
+    target = 0.4 * count_macs(method.dense_arch)
+    assert target * 0.98 <= count_macs(arch) <= target
+    kept = [set(t) for t in arch.tokens]
+    assert all(b <= a for a, b in zip(kept, kept[1:], strict=False))  # monotone over depth
+    assert ViTArch.from_timm(subnet) == arch
+    assert subnet(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    assert "l1" in st.terms and all(not torch.all(z == 1) for z in model.zeta_tok)  # trained
+    assert 0 < method.metrics(model)["tanh_zeta_tok_mean"] < 1

@@ -1,13 +1,18 @@
 """ViT-Slim (CVPR 2022) as a method of the shared search loop: a two-stage baseline.
 
 Stage 1 (the search phase): weights and multipliers zeta train together for `search.epochs`
-with CE + w1 sum|zeta_attn| + w2 sum|zeta_mlp| (`search.slim_l1_attn`, `search.slim_l1_mlp`;
+with CE + w1 sum|zeta_attn| + w2 sum|zeta_mlp| (+ w3 sum|tanh zeta_tok| with
+`search.slim_tokens=true`; weights `search.slim_l1_attn`, `slim_l1_mlp`, `slim_l1_tok`;
 one AdamW, lr `search.lr`, zeta without weight decay). Stage 2 (`extract`): zeta is folded into
 the weights (the kept units keep their learned scale: the pruned model computes what the
 searched one did, minus the pruned units), then one global threshold per unit type, at the
 quantile that meets the MACs budget (counted by the shared analytic counter, not a parameter
 fraction as published), picks the units; the subnet is physically sliced (the original only
-masked) and exported like OFB's, then fine-tuned by the same fine-tune loop.
+masked) and exported like OFB's, then fine-tuned by the same fine-tune loop. With token
+multipliers, the token threshold shares the quantile, token keep-sets are monotone over depth,
+and the subnet drops the pruned positions for good (search_space/tokens.py). Off by default:
+on small inputs (16 patches here) one position is a coarse unit, and a token-pruned subnet runs
+only with this project's hooks (it is no longer a plain timm ViT).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class ViTSlim(SearchMethod):
                             else cfg.budget * self.dense_macs)
 
     def wrap(self, dense: nn.Module) -> SlimViT:
-        return SlimViT(dense)
+        return SlimViT(dense, tokens=self.cfg.slim_tokens)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         sv: SlimViT = unwrap(model)
@@ -46,15 +51,18 @@ class ViTSlim(SearchMethod):
                 {"params": sv.zetas(), "weight_decay": 0.0}]
 
     def extra_loss(self, model, images, logits, aux, ce) -> dict[str, torch.Tensor]:
-        return {"l1": unwrap(model).l1(self.cfg.slim_l1_attn, self.cfg.slim_l1_mlp)}
+        c = self.cfg
+        return {"l1": unwrap(model).l1(c.slim_l1_attn, c.slim_l1_mlp, c.slim_l1_tok)}
 
     def finished(self, model: nn.Module) -> bool:
         return False  # searches for search.epochs, as published (50 epochs on ImageNet)
 
     def extract(self, model: nn.Module) -> tuple[nn.Module, ViTArch]:
         sv: SlimViT = copy.deepcopy(unwrap(model))
-        scores = sv.scores()
-        plan = allocate_threshold(scores, self.dense_arch, self.target_macs)
+        scales = sv.token_scales()
+        plan = allocate_threshold(sv.scores(), self.dense_arch, self.target_macs,
+                                  None if scales is None else [t.abs() for t in scales])
+        plan.token_scale = scales
         return apply_plan(sv.fold(), plan)
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
@@ -62,7 +70,10 @@ class ViTSlim(SearchMethod):
         with torch.no_grad():
             za = torch.cat([z.abs() for z in sv.zeta_attn])
             zm = torch.cat([z.abs() for z in sv.zeta_mlp])
-        return {"target_macs": self.target_macs, "zeta_attn_mean": float(za.mean()),
-                "zeta_mlp_mean": float(zm.mean()),
-                "zeta_attn_below_0.1": float((za < 0.1).float().mean()),
-                "zeta_mlp_below_0.1": float((zm < 0.1).float().mean())}
+        out = {"target_macs": self.target_macs, "zeta_attn_mean": float(za.mean()),
+               "zeta_mlp_mean": float(zm.mean()),
+               "zeta_attn_below_0.1": float((za < 0.1).float().mean()),
+               "zeta_mlp_below_0.1": float((zm < 0.1).float().mean())}
+        if sv.zeta_tok is not None:
+            out["tanh_zeta_tok_mean"] = float(torch.cat(sv.token_scales()).abs().mean())
+        return out
