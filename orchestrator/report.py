@@ -1,9 +1,10 @@
 """`python -m orchestrator.report <sweep folder | MLflow experiment>`: compare searched subnets.
 
-Prints, per method and MACs budget, top-1 (best and mean over trials, and before fine-tune),
-MACs, params, search cost and total cost in device-hours; then the cost comparison: every
-method's search cost against the dense model's training cost and, at equal budget, OFB's search
-cost over each two-stage method's. Writes `report/{table.txt,comparison.json,pareto.png}`
+Prints, per method and MACs budget, top-1 (mean +/- sd and best over trials, i.e. seeds, and
+the mean right after extraction, before fine-tune), MACs, params, search cost and total cost in
+device-hours (the `dense_control` row: the dense model fine-tuned the same way, not pruned);
+then the cost comparison: every method's search cost against the dense model's training cost
+and, at equal budget, OFB's search cost over each two-stage method's. Writes `report/{table.txt,comparison.json,pareto.png}`
 (top-1 vs MACs, one series per method, marker area ~ search cost) and logs them to the sweep's
 MLflow parent run. A sweep folder is read from its results.parquet + dense.json; an experiment
 from its latest sweep run in MLflow.
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 REFERENCE = "ofb"  # the one-stage method every other method is compared with
+CONTROL = "dense_control"  # the dense model fine-tuned like the subnets, not pruned
 
 
 @dataclass
@@ -81,11 +83,16 @@ def build(rows: list[dict[str, Any]], dense: Dense) -> Report:
         search = statistics.fmean(r["search_device_hours"] for r in rs)
         total = statistics.fmean(share + r["search_device_hours"] + r["finetune_device_hours"]
                                  for r in rs)
+        before = [r["top1_before_finetune"] for r in rs
+                  if r.get("top1_before_finetune") is not None]
         out.append({"method": method, "budget": budget, "trials": len(rs),
-                    "top1_best": best["top1"], "top1_mean": statistics.fmean(
-                        r["top1"] for r in rs),
-                    "top1_before_ft": best.get("top1_before_finetune"),
-                    "macs": best["macs"], "params": best["params"],
+                    "top1_best": best["top1"],
+                    "top1_mean": statistics.fmean(r["top1"] for r in rs),
+                    "top1_sd": statistics.stdev(r["top1"] for r in rs) if len(rs) > 1 else None,
+                    "top1_before_ft": statistics.fmean(before) if before else None,
+                    "macs": statistics.fmean(r["macs"] for r in rs),
+                    "macs_of_dense": statistics.fmean(r["macs"] / r["dense_macs"] for r in rs),
+                    "params": statistics.fmean(r["params"] for r in rs),
                     "search_h": search, "total_h": total})
     comparison, metrics = [], {}
     for method in sorted({g["method"] for g in out}):
@@ -107,9 +114,13 @@ def build(rows: list[dict[str, Any]], dense: Dense) -> Report:
         if ratio is not None:
             metrics[f"cost_ratio/{REFERENCE}_vs_{method}/{budget}"] = ratio
             metrics[f"top1_gain/{REFERENCE}_vs_{method}/{budget}"] = (
-                ref["top1_best"] - g["top1_best"])
+                ref["top1_mean"] - g["top1_mean"])
+    control = [g for g in out if g["method"] == CONTROL]
     for g in out:
-        metrics[f"top1/{g['method']}/{g['budget']}"] = g["top1_best"]
+        metrics[f"top1/{g['method']}/{g['budget']}"] = g["top1_mean"]
+        if control and g["method"] != CONTROL:
+            metrics[f"top1_vs_control/{g['method']}/{g['budget']}"] = (
+                g["top1_mean"] - control[0]["top1_mean"])
     return Report(out, comparison, metrics, render(out, comparison, dense))
 
 
@@ -121,14 +132,20 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.2f}%"
 
-    head = ["method", "budget", "trials", "top-1 best", "top-1 mean", "before FT", "MACs",
-            "params", "search h", "total h"]
-    body = [[g["method"], g["budget"], str(g["trials"]), pct(g["top1_best"]),
-             pct(g["top1_mean"]), pct(g["top1_before_ft"]), f"{g['macs'] / 1e6:.2f}M",
-             f"{g['params'] / 1e6:.3f}M", f"{g['search_h']:.4f}", f"{g['total_h']:.4f}"]
+    def sd(x: float | None) -> str:
+        return "" if x is None else f" +/- {100 * x:.2f}"
+
+    head = ["method", "budget", "trials", "top-1 mean", "top-1 best", "before FT", "MACs",
+            "of dense", "params", "search h", "total h"]
+    body = [[g["method"], g["budget"], str(g["trials"]), pct(g["top1_mean"]) + sd(g["top1_sd"]),
+             pct(g["top1_best"]), pct(g["top1_before_ft"]), f"{g['macs'] / 1e6:.2f}M",
+             f"{100 * g['macs_of_dense']:.1f}%", f"{g['params'] / 1e6:.3f}M",
+             f"{g['search_h']:.4f}", f"{g['total_h']:.4f}"]
             for g in groups]
     kind = f"{dense.device_kind}-hours"
     lines = [f"== subnets per method and budget (costs in {kind}) ==", _table(head, body)]
+    lines.append("   top-1 on the test set after the shared fine-tune: mean +/- sd over trials "
+                 "(seeds); 'before FT' = right after extraction, mean; MACs and params: mean")
     lines.append(f"   dense: top-1 {pct(dense.top1)}, "
                  f"{(dense.macs or 0) / 1e6:.2f}M MACs, trained in {dense.device_hours:.4f} "
                  f"{kind} (shared by every trial; its share is in 'total h')")

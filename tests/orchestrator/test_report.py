@@ -18,26 +18,34 @@ def _row(method, budget, top1, search_h, finetune_h=0.01, trial="t"):
 
 ROWS = [_row("ofb", 0.5, 0.88, 0.10, trial="a"), _row("ofb", 0.5, 0.86, 0.30, trial="b"),
         _row("ofb", 0.3, 0.85, 0.10, trial="c"),
-        _row("two_stage_taylor", 0.5, 0.87, 0.40, trial="d")]
+        _row("two_stage_taylor", 0.5, 0.85, 0.40, trial="d"),
+        _row("dense_control", 1.0, 0.89, 0.0, trial="e")]
 
 
 def test_groups_costs_and_ratios():
-    rep = build(ROWS, Dense(top1=0.9, macs=DENSE_MACS, device_hours=0.4))
+    rep = build(ROWS, Dense(top1=0.9, macs=DENSE_MACS, device_hours=0.5))
     g = {(x["method"], x["budget"]): x for x in rep.groups}
-    assert set(g) == {("ofb", "50pct"), ("ofb", "30pct"), ("two_stage_taylor", "50pct")}
+    assert set(g) == {("ofb", "50pct"), ("ofb", "30pct"), ("two_stage_taylor", "50pct"),
+                      ("dense_control", "100pct")}
     ofb50 = g[("ofb", "50pct")]
     assert ofb50["trials"] == 2 and ofb50["top1_best"] == 0.88
     assert ofb50["top1_mean"] == pytest.approx(0.87) and ofb50["search_h"] == pytest.approx(0.2)
-    # total = the pretrain share (0.4 h over 4 trials) + search + fine-tune, averaged
+    assert ofb50["top1_sd"] == pytest.approx(0.02 ** 0.5 / 10)  # sample sd of 0.88, 0.86
+    assert ofb50["top1_before_ft"] == pytest.approx(0.82) and g[("ofb", "30pct")]["top1_sd"] is None
+    assert ofb50["macs_of_dense"] == pytest.approx(0.505)
+    # total = the pretrain share (0.5 h over 5 trials) + search + fine-tune, averaged
     assert ofb50["total_h"] == pytest.approx(0.1 + 0.2 + 0.01)
     m = rep.metrics
     assert m["cost_ratio/ofb_vs_two_stage_taylor/50pct"] == pytest.approx(0.2 / 0.4)
-    assert m["top1_gain/ofb_vs_two_stage_taylor/50pct"] == pytest.approx(0.01)
-    assert m["cost_ratio/ofb_search_vs_dense_training"] == pytest.approx((0.2 + 0.1) / 2 / 0.4)
+    assert m["top1_gain/ofb_vs_two_stage_taylor/50pct"] == pytest.approx(0.02)  # mean - mean
+    assert m["top1_vs_control/two_stage_taylor/50pct"] == pytest.approx(-0.04)
+    assert "top1_vs_control/dense_control/100pct" not in m
+    assert m["cost_ratio/ofb_search_vs_dense_training"] == pytest.approx((0.2 + 0.1) / 2 / 0.5)
+    assert "87.00% +/- 1.41" in rep.text
     line = next(x for x in rep.text.splitlines() if x.startswith("ofb vs two_stage_taylor"))
     assert line.split()[-4:] == ["50pct", "0.2000", "0.4000", "0.500"]
     assert "dense training cost is the reference" not in rep.text
-    alone = build([r for r in ROWS if r["method"] == "ofb"], Dense(0.9, DENSE_MACS, 0.4))
+    alone = build([r for r in ROWS if r["method"] == "ofb"], Dense(0.9, DENSE_MACS, 0.5))
     assert "dense training cost is the reference" in alone.text
 
 
