@@ -6,8 +6,8 @@ device-hours (the `dense_control` row: the dense model fine-tuned the same way, 
 then the cost comparison: every method's search cost against the dense model's training cost
 and, at equal budget, OFB's search cost over each two-stage method's. Writes
 `report/{table.txt,comparison.json,pareto.png}` (top-1 vs MACs, one series per method, marker
-area ~ search cost) and logs them to the sweep's MLflow parent run. A sweep folder is read from its results.parquet + dense.json; an experiment
-from its latest sweep run in MLflow.
+area ~ search cost) and logs them to the sweep's MLflow parent run. A sweep folder is read from
+its results.parquet + dense.json; an experiment from its latest sweep run in MLflow.
 
 Total cost of a trial = its share of the dense pretrain (pretrain hours / trials in the sweep)
 + search + fine-tune. The ratio "OFB vs X" is mean OFB search hours / mean X search hours at
