@@ -119,7 +119,7 @@ def test_one_sweep_compares_methods_at_one_budget(ray_cluster, tmp_path, fmnist_
     over = tiny_overrides(tmp_path, **{
         "name": "cmp", "search.epochs": 6, "search.warmup_epochs": 0.5, "search.alpha_lr": 0.05,
         "search.eliminations_per_epoch": 4, "search.score_batches": 4, "finetune.epochs": 0.5,
-        "mlflow.log_models": False})
+        "search.slim_tokens": True, "mlflow.log_models": False})  # ViT-Slim prunes tokens too
     over += [f"sweep.num_samples={len(methods)}", f"sweep.space={json.dumps(space)}",
              "sweep.points_to_evaluate=" + json.dumps(
                  [{"search.method": m, "search.budget": 0.5} for m in methods])]
@@ -139,6 +139,11 @@ def test_one_sweep_compares_methods_at_one_budget(ray_cluster, tmp_path, fmnist_
         assert arch["macs"] == r["macs"]
         assert load_subnet(r["subnet_path"])(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
         assert 0 <= r["top1_before_finetune"] <= 1 and r["search_device_hours"] >= 0
+        tokens = arch["arch"]["tokens"]  # token positions per block: ViT-Slim's alone
+        assert (tokens is not None) == (r["method"] == "vit_slim"), r["method"]
+    kept = [set(t) for t in json.loads((Path(rows["vit_slim"]["subnet_path"]) / "arch.json")
+                                       .read_text())["arch"]["tokens"]]
+    assert all(b <= a for a, b in zip(kept, kept[1:], strict=False)) and 0 in kept[-1]
     rep = build(list(rows.values()), Dense(0.8, dense.macs, dense.cost.device_hours))
     assert {(g["method"], g["budget"]) for g in rep.groups} == {
         ("ofb", "50pct"), ("vit_slim", "50pct"), ("two_stage_taylor", "50pct"),
