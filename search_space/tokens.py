@@ -55,6 +55,10 @@ def install_token_pruning(model: nn.Module, arch: ViTArch) -> None:
     for blk, kept in zip(model.blocks, arch.tokens, strict=True):
         dev = blk.norm1.weight.device
         pos = {u: j for j, u in enumerate(prev)}
+        if not set(kept) <= pos.keys():
+            raise ValueError(f"arch.tokens: block positions {sorted(set(kept) - pos.keys())} "
+                             "were dropped by an earlier block (token keep-sets must shrink "
+                             "over depth)")
         if list(kept) != prev:
             blk.register_buffer("token_index",
                                 torch.tensor([pos[u] for u in kept], device=dev),
@@ -63,11 +67,11 @@ def install_token_pruning(model: nn.Module, arch: ViTArch) -> None:
         blk.register_buffer("token_scale", torch.ones(len(kept), device=dev))
         for part in (blk.attn, blk.mlp):
             # the hook reads the block's buffer, so .to(), load_state_dict and slicing keep it
-            object.__setattr__(part, "token_scale_of_block_owner", blk)
-            part.register_forward_pre_hook(_scale_from_owner)
+            object.__setattr__(part, "_token_owner", blk)  # not a submodule: no cycle
+            part.register_forward_pre_hook(_scale_inputs)
         prev = list(kept)
 
 
-def _scale_from_owner(module: nn.Module, args: tuple) -> tuple:
-    scale = module.token_scale_of_block_owner.token_scale  # (k_l,)
-    return (args[0] * scale[:, None], *args[1:])
+def _scale_inputs(module: nn.Module, args: tuple) -> tuple:
+    """Pre-hook on attn / mlp: inputs (B, k_l, D) times the block's `token_scale` (k_l,)."""
+    return (args[0] * module._token_owner.token_scale[:, None], *args[1:])

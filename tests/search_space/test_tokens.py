@@ -13,7 +13,7 @@ from search_space.cost import count_macs, measure_macs
 from search_space.models import build_vit
 from search_space.prune import PrunePlan, apply_plan
 from search_space.slim import SlimViT
-from search_space.subnet import export_onnx, export_subnet, load_subnet
+from search_space.subnet import build_from_arch, export_onnx, export_subnet, load_subnet
 from search_space.tokens import monotone_keep
 
 
@@ -37,6 +37,9 @@ def test_monotone_keep_by_hand():
     assert [k.tolist() for k in keep] == [[0, 1, 3, 4], [0, 3, 4], [0, 4]]
     none = monotone_keep(s, 5.0, num_prefix=0)  # nothing above: the best survivor stays
     assert [k.tolist() for k in none] == [[1], [1], [1]]
+    arch = ViTArch.from_dict({**_slim()[1].to_dict(), "tokens": [[0, 1, 2], [0, 3], [0]]})
+    with pytest.raises(ValueError, match=r"positions \[3\] were dropped by an earlier block"):
+        build_from_arch(arch)
 
 
 def test_token_l1_term():
