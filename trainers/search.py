@@ -59,7 +59,7 @@ def search_loop(config: dict[str, Any]) -> None:
     per_worker_batch = max(1, cfg.data.batch_size // env.world_size)
     loader = worker.prepare_loader(make_loader(
         splits.train, per_worker_batch, shuffle=True, workers=cfg.data.loader_workers,
-        seed=cfg.seed, drop_last=True))
+        seed=cfg.seed, drop_last=True), cfg.seed)
     steps_per_epoch = len(loader)
     method = get_method(sc.method)(sc, steps_per_epoch, dense_arch)
     cap_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))

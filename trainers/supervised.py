@@ -68,7 +68,7 @@ def supervised_loop(config: dict[str, Any]) -> None:
     per_worker_batch = max(1, cfg.data.batch_size // env.world_size)
     train_loader = make_loader(splits.train, per_worker_batch, shuffle=True,
                                workers=cfg.data.loader_workers, seed=cfg.seed, drop_last=True)
-    train_loader = worker.prepare_loader(train_loader)
+    train_loader = worker.prepare_loader(train_loader, cfg.seed)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} exceeds the training set "
