@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--subnet", help="an exported subnet folder (default: a synthetic one)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--width-multiple", type=int, default=1, help="search.width_multiple")
+    p.add_argument("--width-multiple", type=int, default=1, help="search.ofb.width_multiple")
     p.add_argument("--embed-dim", type=int, default=MODEL["embed_dim"])
     p.add_argument("--depth", type=int, default=MODEL["depth"])
     p.add_argument("--num-heads", type=int, default=MODEL["num_heads"])
@@ -85,14 +85,14 @@ def main() -> None:
 
     dense = dense_model()
     t_dense = step_time(dense, lambda m, x, y: F.cross_entropy(m(x), y), x, y, a.steps)
-    cfg = SearchConfig(warmup_epochs=0, width_multiple=a.width_multiple)
+    cfg = SearchConfig(lr_warmup_epochs=0,
+                       ofb={"ramp_epochs": 0, "width_multiple": a.width_multiple})
     method = get_method("ofb")(cfg, 100, ViTArch.from_timm(dense))
     sn = method.wrap(dense_model())
 
     def search_step(m, x, y):
         logits, aux = method.forward(m, x, 10**6)  # after warm-up: full PMIM ratio
-        ce = F.cross_entropy(logits, y)
-        return ce + sum(method.extra_loss(m, x, logits, aux, ce).values())
+        return sum(method.losses(m, x, y, logits, aux, 10**6).values())
 
     t_search = step_time(sn, search_step, x, y, a.steps)
     print(f"(a) dense step {t_dense * 1e3:.1f} ms, OFB search step {t_search * 1e3:.1f} ms "

@@ -111,8 +111,9 @@ class Config(TrainConfig):
                           recipe=self.pretrain.model_dump(exclude={"cache"}), seed=self.seed))
 
     def search_key(self) -> str:
-        """Hash of what determines a search: the dense model and the search settings."""
-        return _hash(dict(dense=self.pretrain_key(), search=self.search.model_dump()))
+        """Hash of what determines a search: the dense model, the shared search recipe and the
+        active method's own section (another method's settings change nothing here)."""
+        return _hash(dict(dense=self.pretrain_key(), search=self.search.active_dump()))
 
     def finetune_key(self) -> str:
         return _hash(dict(search=self.search_key(), finetune=self.finetune.model_dump()))

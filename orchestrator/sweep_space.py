@@ -1,12 +1,12 @@
 """The `sweep` section: a YAML search space of hyperparameters -> Optuna distributions.
 
-Keys are dotted config paths (`search.temperature`, `search.budget`, ...); values name a
+Keys are dotted config paths (`search.ofb.temperature`, `search.budget`, ...); values name a
 distribution::
 
-    search.temperature: {type: loguniform, low: 0.5, high: 2.0}
-    search.mask_ratio:  {type: uniform, low: 0.1, high: 0.4}
+    search.ofb.temperature: {type: loguniform, low: 0.5, high: 2.0}
+    search.ofb.mask_ratio:  {type: uniform, low: 0.1, high: 0.4}
     search.budget:      {type: choice, values: [0.3, 0.5, 0.7]}
-    search.eliminations_per_epoch: {type: randint, low: 2, high: 5}
+    search.ofb.eliminations_per_epoch: {type: randint, low: 2, high: 5}
 
 Only the search and fine-tune phases may be swept: every trial starts from the one dense model
 the sweep pretrains (or finds cached), so `data.*`, `model.*` and `pretrain.*` are refused.

@@ -5,7 +5,9 @@ Layout of one checkpoint folder::
     model.safetensors   the (unwrapped) model's state dict
     optimizer.pt        optimizer + scheduler state dicts, loadable with weights_only=True
     state.json          epoch, global step, elapsed seconds, history, anything JSON-able
-    arch.json           the architecture, when the caller gives one
+    method.pt           a search method's own state (tensors and numbers), weights_only-loadable
+    arch.json           the architecture, when the caller gives one (`{"arch": ...}`, the
+                        schema `search_space.subnet.load_subnet` reads)
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-MODEL_FILE, OPTIM_FILE, STATE_FILE, ARCH_FILE = (
-    "model.safetensors", "optimizer.pt", "state.json", "arch.json")
+MODEL_FILE, OPTIM_FILE, STATE_FILE, ARCH_FILE, METHOD_FILE = (
+    "model.safetensors", "optimizer.pt", "state.json", "arch.json", "method.pt")
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
@@ -33,7 +35,8 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Non
 
 def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None, arch: dict[str, Any] | None = None) -> Path:
+                    scheduler: Any = None, arch: dict[str, Any] | None = None,
+                    method_state: dict[str, Any] | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(model, folder / MODEL_FILE)
@@ -44,8 +47,16 @@ def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
         torch.save(blob, folder / OPTIM_FILE)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
     if arch is not None:
-        (folder / ARCH_FILE).write_text(json.dumps(arch, indent=2, sort_keys=True))
+        (folder / ARCH_FILE).write_text(json.dumps({"arch": arch}, indent=2, sort_keys=True))
+    if method_state is not None:
+        torch.save(method_state, folder / METHOD_FILE)
     return folder
+
+
+def load_method_state(folder: str | Path) -> dict[str, Any]:
+    """A search method's checkpointed state ({} when the checkpoint has none)."""
+    f = Path(folder) / METHOD_FILE
+    return torch.load(f, weights_only=True, map_location="cpu") if f.exists() else {}
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module,

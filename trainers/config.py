@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from trainers.methods import list_methods, method_sections, section_of
+from trainers.sections import Section as _Section
 
 
 class DataConfig(_Section):
@@ -98,54 +97,67 @@ class FinetuneConfig(RecipeConfig):
     warmup_epochs: float = Field(0.1, ge=0)
 
 
-class SearchConfig(_Section):
-    """The search phase (OFB defaults from METHODS.md; fewer epochs for small models)."""
+class SearchRecipe(_Section):
+    """The recipe every method shares; each method's own options are sections of their own,
+    `search.<section>.*` (`search.ofb.temperature`, `search.vit_slim.l1_attn`, ...), added to
+    `SearchConfig` from the method registry."""
 
     method: str = "ofb"
     budget: float = Field(0.5, gt=0, le=1, description="target MACs / dense MACs")
     target_gmacs: float | None = Field(None, gt=0, description="absolute target; wins over budget")
-    epochs: float = Field(6, gt=0, description="cap: at the cap every module takes its argmax")
-    warmup_epochs: float = Field(1, ge=0, description="lambda and mask-ratio ramp")
-    lr: float = Field(5e-4, gt=0, description="weights and importance scores S")
-    alpha_lr: float = Field(5e-3, gt=0, description="architecture logits alpha")
+    epochs: float = Field(6, gt=0, description="cap: at the cap every method decides")
+    lr_warmup_epochs: float = Field(1, ge=0, description="linear LR warm-up, then cosine")
+    lr: float = Field(5e-4, gt=0, description="the weights (and OFB's importance scores S)")
     min_lr: float = Field(1e-5, ge=0)
-    weight_decay: float = Field(1e-3, ge=0)
+    weight_decay: float = Field(1e-3, ge=0, description="on >= 2-D weights (trainers/optim.py)")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(5.0, gt=0)
-    temperature: float = Field(1.0, gt=0, description="one-hot temperature: softmax(alpha / T)")
-    width_multiple: int = Field(1, ge=1, description="only candidate widths that are multiples"
-                                " of this (8: hardware-friendly); 1 = the published lists")
-    mask_ratio: float = Field(0.25, ge=0, lt=1, description="PMIM ratio after the warm-up")
-    mask_ratio_start: float = Field(0.05, ge=0, lt=1)
-    lambda_start: float = Field(0.99, ge=0, le=1)
-    lambda_end: float = Field(0.1, ge=0, le=1)
-    macs_loss_weight: float = Field(5.0, ge=0)
-    macs_tolerance: float | None = Field(
-        0.02, gt=0, description="decide only while |expected - target| MACs <= this x dense MACs; "
-        "null = always (as published)")
-    eliminations_per_epoch: int = Field(3, ge=1)
-    elimination_factor: float = Field(0.2, gt=0, lt=1)
-    # two-stage pruners (two_stage_taylor, two_stage_magnitude)
-    score_batches: int = Field(32, ge=1, description="batches of |w * grad| (Taylor scoring)")
-    allocation: Literal["global", "uniform"] = Field(
-        "global", description="global: budget-aware ranking across modules; uniform: the same "
-        "fraction in every module")
-    prune_embed: bool = Field(True, description="two-stage: prune embedding channels too")
-    # ViT-Slim (l1 weights of METHODS.md section 2, DeiT-S values)
-    slim_l1_attn: float = Field(2e-4, ge=0, description="ViT-Slim: l1 weight on |zeta_attn|")
-    slim_l1_mlp: float = Field(5e-5, ge=0, description="ViT-Slim: l1 weight on |zeta_mlp|")
-    slim_tokens: bool = Field(False, description="ViT-Slim: also search token positions "
-                              "(monotone over depth; the subnet drops pruned positions)")
-    slim_l1_tok: float = Field(1e-4, ge=0, description="ViT-Slim: l1 weight on |tanh zeta_tok|")
 
     @field_validator("method")
     @classmethod
     def _registered(cls, v: str) -> str:
-        from trainers.methods import list_methods  # the registry imports no config
-
         if v not in list_methods():
             raise ValueError(f"search.method={v!r}; allowed: {list_methods()}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """The flat keys of earlier releases are refused with their new names (no aliases)."""
+        if isinstance(data, dict):
+            moved = [f"search.{k} is now {MOVED[k]}" for k in data if k in MOVED]
+            if moved:
+                raise ValueError("; ".join(moved) + " (each method's own settings live under "
+                                 "search.<method>)")
+        return data
+
+    def method_section(self) -> str | None:
+        return section_of(self.method)
+
+    def active_dump(self) -> dict[str, Any]:
+        """The shared recipe plus the active method's section only (what run keys hash)."""
+        sections = set(method_sections())
+        out = self.model_dump(exclude=sections)
+        if (sec := self.method_section()) is not None:
+            out[sec] = getattr(self, sec).model_dump()
+        return out
+
+
+# Flat keys of earlier releases -> where they live now (the error message names the new key).
+MOVED = {
+    "warmup_epochs": "search.lr_warmup_epochs (LR warm-up) and search.ofb.ramp_epochs "
+                     "(OFB's lambda / PMIM ramp)",
+    **{k: f"search.ofb.{k}" for k in (
+        "temperature", "alpha_lr", "width_multiple", "mask_ratio", "mask_ratio_start",
+        "lambda_start", "lambda_end", "macs_loss_weight", "macs_tolerance",
+        "eliminations_per_epoch", "elimination_factor")},
+    **{k: f"search.two_stage.{k}" for k in ("score_batches", "allocation", "prune_embed")},
+    **{f"slim_{k}": f"search.vit_slim.{k}" for k in ("l1_attn", "l1_mlp", "tokens", "l1_tok")},
+}
+
+SearchConfig = create_model(
+    "SearchConfig", __base__=SearchRecipe,
+    **{name: (schema, Field(default_factory=schema)) for name, schema in method_sections().items()})
 
 
 class ScalingConfig(_Section):

@@ -1,6 +1,6 @@
 """One `train_one_epoch` and one `evaluate`, shared by dense pretraining, search and fine-tuning.
 
-The loop knows nothing of any compression method: a method enters through `hooks` (extra loss
+The loop knows nothing of any compression method: a method enters through its hooks (all loss
 terms, a per-step callback), so OFB and the baselines run the very same code.
 """
 
@@ -86,9 +86,10 @@ def train_one_epoch(
 ) -> EpochStats:
     """Train for one pass over `loader` (or `max_steps` batches); returns local statistics.
 
-    `method` (a `trainers.methods.SearchMethod`) supplies the forward, extra loss terms and a
-    per-step hook; when that hook reports changed parameter shapes, `rewrap` rebuilds the DDP
-    wrapper. `progress(i, running_stats)` is called every `progress_every` steps (0: never).
+    `method` (a `trainers.methods.SearchMethod`) supplies the forward, every loss term (the
+    task loss included: `label_smoothing` then is the method's business) and a per-step hook;
+    when that hook reports changed parameter shapes, `rewrap` rebuilds the DDP wrapper.
+    `progress(i, running_stats)` is called every `progress_every` steps (0: never).
     """
     model.train()
     st = EpochStats()
@@ -101,12 +102,13 @@ def train_one_epoch(
         images, targets = images.to(device, non_blocking=True), targets.to(device)
         with autocast(device, precision):
             if method is None:
-                logits, aux = model(images), None  # (B, num_classes)
-            else:
+                logits = model(images)  # (B, num_classes)
+                extra = {}
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+            else:  # every term, the task loss included, comes from the method
                 logits, aux = method.forward(model, images, step)
-            ce = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-            extra = method.extra_loss(model, images, logits, aux, ce) if method else {}
-        loss = ce + sum(extra.values()) if extra else ce
+                extra = method.losses(model, images, targets, logits, aux, step)
+                loss = sum(extra.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:

@@ -26,6 +26,7 @@ from trainers import worker
 from trainers.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
+    load_method_state,
     load_training_state,
     load_weights,
     save_checkpoint,
@@ -41,6 +42,7 @@ SUBNET_DIR = "subnet"
 
 
 def _restore(ckpt_dir: Path, method, model, optimizer_fn) -> tuple[Any, Any, dict]:
+    method.load_state_dict(load_method_state(ckpt_dir))
     method.restore(model, load_file(str(ckpt_dir / MODEL_FILE)))
     optimizer, scheduler = optimizer_fn(model)
     return optimizer, scheduler, load_training_state(ckpt_dir, optimizer, scheduler)
@@ -51,7 +53,7 @@ def search_loop(config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(config["train"])
     sc = cfg.search
     env = worker.setup_worker(cfg.scaling, cfg.seed)
-    splits = build_splits(cfg.data)
+    splits = build_splits(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
     dense = build_dense(cfg, pretrained=False)
     load_weights(dense, config["dense"])
     dense_arch = ViTArch.from_timm(dense)
@@ -62,6 +64,7 @@ def search_loop(config: dict[str, Any]) -> None:
         seed=cfg.seed, drop_last=True), cfg.seed)
     steps_per_epoch = len(loader)
     method = get_method(sc.method)(sc, steps_per_epoch, dense_arch)
+    method.setup(env.device)
     cap_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
     if (needed := method.max_steps()) is not None:  # e.g. two-stage scoring: a few batches
         cap_steps = min(cap_steps, needed)
@@ -71,7 +74,7 @@ def search_loop(config: dict[str, Any]) -> None:
     def make_optimizer(m):
         opt = torch.optim.AdamW(method.param_groups(m), lr=sc.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(
-            max(cap_steps, 1), int(sc.warmup_epochs * steps_per_epoch), sc.lr, sc.min_lr))
+            max(cap_steps, 1), int(sc.lr_warmup_epochs * steps_per_epoch), sc.lr, sc.min_lr))
         return opt, sched
 
     start_epoch, elapsed, resumed_from, history = 0, 0.0, 0, []
@@ -87,7 +90,10 @@ def search_loop(config: dict[str, Any]) -> None:
             resumed_from, history = state["epoch"] + 1, state.get("history", [])
         else:
             optimizer, scheduler = make_optimizer(model)
-    model = worker.prepare_model(model)
+    def rewrap(m):
+        return worker.prepare_model(m, method.ddp_kwargs)
+
+    model = rewrap(model)
     if resumed_from and env.is_main:
         print(f"[search] resumed after epoch {resumed_from}/{n_epochs}", flush=True)
 
@@ -100,7 +106,7 @@ def search_loop(config: dict[str, Any]) -> None:
         steps = min(steps_per_epoch, cap_steps - epoch * steps_per_epoch)
         st = train_one_epoch(
             model, loader, optimizer, scheduler, env.device, env.precision, sc.label_smoothing,
-            sc.grad_clip, method=method, rewrap=worker.prepare_model, max_steps=steps,
+            sc.grad_clip, method=method, rewrap=rewrap, max_steps=steps,
             step_offset=epoch * steps_per_epoch,
             progress=progress_printer(env, "search", epoch, n_epochs, steps),
             progress_every=max(steps // 4, 1))
@@ -125,7 +131,7 @@ def search_loop(config: dict[str, Any]) -> None:
         if env.is_main:
             _print_epoch(metrics)
         worker.report(env, metrics, lambda d, s=state, m=model: save_checkpoint(
-            d, unwrap(m), s, optimizer, scheduler))
+            d, unwrap(m), s, optimizer, scheduler, method_state=method.state_dict()))
 
     t0 = time.perf_counter()
     note = method.finalize(model, optimizer)

@@ -26,6 +26,7 @@ from trainers.config import TrainConfig
 from trainers.data import build_splits, make_loader
 from trainers.loop import all_reduce_sums, evaluate, train_one_epoch, warmup_cosine
 from trainers.model_factory import build_dense
+from trainers.optim import decay_groups
 
 
 def eval_split(model, ds, cfg, env) -> dict[str, float]:
@@ -58,7 +59,7 @@ def supervised_loop(config: dict[str, Any]) -> None:
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r}; allowed: {PHASES}")
     env = worker.setup_worker(cfg.scaling, cfg.seed)
-    splits = build_splits(cfg.data)
+    splits = build_splits(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
     if phase == "pretrain":
         model, rc = build_dense(cfg), cfg.pretrain
     else:
@@ -76,13 +77,8 @@ def supervised_loop(config: dict[str, Any]) -> None:
     total_steps = math.ceil(rc.epochs * steps_per_epoch)  # 0: evaluate the given weights only
     n_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
 
-    decay, no_decay = [], []
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": rc.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=rc.lr)
+    optimizer = torch.optim.AdamW(decay_groups(model.named_parameters(), rc.weight_decay),
+                                  lr=rc.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         max(total_steps, 1), int(rc.warmup_epochs * steps_per_epoch), rc.lr, rc.min_lr))
 

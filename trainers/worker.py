@@ -53,9 +53,10 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def prepare_model(model: nn.Module) -> nn.Module:
-    """Move to the worker's device and wrap in DDP when there is more than one worker."""
-    return ray.train.torch.prepare_model(model)
+def prepare_model(model: nn.Module, ddp_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Move to the worker's device and wrap in DDP when there is more than one worker
+    (`ddp_kwargs`: the method's DistributedDataParallel options)."""
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs or None)
 
 
 def prepare_loader(loader: DataLoader, seed: int = 0) -> DataLoader:

@@ -18,8 +18,8 @@ from tests.conftest import tiny_overrides
 pytestmark = pytest.mark.ray
 
 SPACE = {
-    "search.temperature": {"type": "loguniform", "low": 0.5, "high": 2.0},
-    "search.mask_ratio": {"type": "uniform", "low": 0.1, "high": 0.4},
+    "search.ofb.temperature": {"type": "loguniform", "low": 0.5, "high": 2.0},
+    "search.ofb.mask_ratio": {"type": "uniform", "low": 0.1, "high": 0.4},
     "search.budget": {"type": "choice", "values": [0.4, 0.6]},
 }
 
@@ -27,10 +27,10 @@ SPACE = {
 def _cfg(tmp_path, sweep: dict | None = None, **extra):
     over = tiny_overrides(tmp_path, **{
         "name": "sw", "data.max_train_samples": 640, "search.epochs": 6,
-        "search.warmup_epochs": 0.5, "search.alpha_lr": 0.05,
-        "search.eliminations_per_epoch": 4, "finetune.epochs": 0.5, **extra})
+        "search.lr_warmup_epochs": 0.5, "search.ofb.ramp_epochs": 0.5, "search.ofb.alpha_lr": 0.05,
+        "search.ofb.eliminations_per_epoch": 4, "finetune.epochs": 0.5, **extra})
     over += ["sweep.num_samples=3", f"sweep.space={json.dumps(SPACE)}",
-             'sweep.points_to_evaluate=[{"search.temperature": 1.0, "search.mask_ratio": 0.25, '
+             'sweep.points_to_evaluate=[{"search.ofb.temperature": 1.0, "search.ofb.mask_ratio": 0.25, '
              '"search.budget": 0.6}]']
     over += [f"sweep.{k}={v}" for k, v in (sweep or {}).items()]
     return load_config(None, over)
@@ -45,7 +45,7 @@ def test_three_trial_sweep(ray_cluster, tmp_path, fmnist_dir):
         assert set(SPACE) <= set(r), r
         assert r["macs"] > 0 and r["params"] > 0 and 0 <= r["top1"] <= 1
         assert r["search_device_hours"] > 0 and r["finetune_device_hours"] > 0
-    first = [r for r in rows if r["search.temperature"] == 1.0]
+    first = [r for r in rows if r["search.ofb.temperature"] == 1.0]
     assert first and first[0]["search.budget"] == 0.6  # points_to_evaluate ran
     assert (cfg.run_dir / "optuna.db").stat().st_size > 0
     import pyarrow.parquet as pq
@@ -80,10 +80,10 @@ def test_sweep_validation_and_fit(tmp_path):
         load_config(None, [no_points, 'sweep.space={"search.temprature": '
                            '{"type": "uniform", "low": 0.1, "high": 1}}'])
     with pytest.raises(ConfigError, match="low < high"):
-        load_config(None, [no_points, 'sweep.space={"search.mask_ratio": '
+        load_config(None, [no_points, 'sweep.space={"search.ofb.mask_ratio": '
                            '{"type": "uniform", "low": 0.4, "high": 0.1}}'])
     with pytest.raises(ConfigError, match="points_to_evaluate names.*not in sweep.space"):
-        load_config(None, ['sweep.space={"search.mask_ratio": '
+        load_config(None, ['sweep.space={"search.ofb.mask_ratio": '
                            '{"type": "uniform", "low": 0.1, "high": 0.4}}'])
     cfg = _cfg(tmp_path)
     assert trials_that_fit(cfg, {"CPU": 2}) == 1 and trials_that_fit(cfg, {"CPU": 8}) == 4
@@ -118,10 +118,10 @@ def test_one_sweep_compares_methods_at_one_budget(ray_cluster, tmp_path, fmnist_
              "search.budget": {"type": "choice", "values": [0.5]}}
     over = tiny_overrides(tmp_path, **{
         "name": "cmp", "data.max_train_samples": 1280, "model.embed_dim": 48,
-        "model.num_heads": 4, "search.epochs": 12, "search.warmup_epochs": 0.5,
-        "search.alpha_lr": 0.05,
-        "search.eliminations_per_epoch": 4, "search.score_batches": 4, "finetune.epochs": 0.5,
-        "search.slim_tokens": True, "mlflow.log_models": False})  # ViT-Slim prunes tokens too
+        "model.num_heads": 4, "search.epochs": 12, "search.lr_warmup_epochs": 0.5, "search.ofb.ramp_epochs": 0.5,
+        "search.ofb.alpha_lr": 0.05,
+        "search.ofb.eliminations_per_epoch": 4, "search.two_stage.score_batches": 4, "finetune.epochs": 0.5,
+        "search.vit_slim.tokens": True, "mlflow.log_models": False})  # ViT-Slim prunes tokens too
     over += [f"sweep.num_samples={len(methods)}", f"sweep.space={json.dumps(space)}",
              "sweep.points_to_evaluate=" + json.dumps(
                  [{"search.method": m, "search.budget": 0.5} for m in methods])]

@@ -21,18 +21,18 @@ from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.ray
 
-POINTS = [{"search.budget": 0.4, "search.temperature": 1.0},
-          {"search.budget": 0.6, "search.temperature": 1.0}]
+POINTS = [{"search.budget": 0.4, "search.ofb.temperature": 1.0},
+          {"search.budget": 0.6, "search.ofb.temperature": 1.0}]
 SPACE = {"search.budget": {"type": "choice", "values": [0.4, 0.6]},
-         "search.temperature": {"type": "uniform", "low": 0.5, "high": 2.0}}
+         "search.ofb.temperature": {"type": "uniform", "low": 0.5, "high": 2.0}}
 
 
 @pytest.fixture(scope="module")
 def tracked_sweep(ray_cluster, mlflow_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracked")
     over = tiny_overrides(tmp, **{
-        "name": "tracked", "search.epochs": 3, "search.alpha_lr": 0.05,
-        "search.eliminations_per_epoch": 4, "finetune.epochs": 0.5,
+        "name": "tracked", "search.epochs": 3, "search.ofb.alpha_lr": 0.05,
+        "search.ofb.eliminations_per_epoch": 4, "finetune.epochs": 0.5,
         "mlflow.tracking_uri": mlflow_server})
     over += ["sweep.num_samples=2", f"sweep.space={json.dumps(SPACE)}",
              f"sweep.points_to_evaluate={json.dumps(POINTS)}"]

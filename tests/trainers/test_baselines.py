@@ -20,7 +20,8 @@ def _run(name: str, budget: float, **search):
     vit = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3,
                     num_classes=4, embed_dim=48, depth=2, num_heads=4)
     dense = {k: v.clone() for k, v in vit.state_dict().items()}
-    cfg = SearchConfig(method=name, budget=budget, score_batches=4, lr=1e-3, **search)
+    two_stage = {"score_batches": 4, **search.pop("two_stage", {})}
+    cfg = SearchConfig(method=name, budget=budget, two_stage=two_stage, lr=1e-3, **search)
     loader = make_loader(s.train, 32, True, drop_last=True)
     method = get_method(name)(cfg, len(loader), ViTArch.from_timm(vit))
     model = method.wrap(vit)
@@ -59,7 +60,8 @@ def test_subnet_meets_the_budget(name, budget):
 
 
 def test_uniform_allocation_and_the_dense_control():
-    method, _, subnet, arch, _, _ = _run("two_stage_taylor", 0.5, allocation="uniform")
+    method, _, subnet, arch, _, _ = _run("two_stage_taylor", 0.5,
+                                         two_stage={"allocation": "uniform"})
     assert len({b.mlp_hidden for b in arch.blocks}) == 1
     assert count_macs(arch) <= 0.5 * count_macs(method.dense_arch)
     method, _, subnet, arch, st, _ = _run("dense_control", 0.5)
@@ -68,7 +70,7 @@ def test_uniform_allocation_and_the_dense_control():
 
 
 def test_vit_slim_with_token_multipliers():
-    method, model, subnet, arch, st, _ = _run("vit_slim", 0.4, slim_tokens=True)
+    method, model, subnet, arch, st, _ = _run("vit_slim", 0.4, vit_slim={"tokens": True})
     target = 0.4 * count_macs(method.dense_arch)
     assert target * 0.98 <= count_macs(arch) <= target
     kept = [set(t) for t in arch.tokens]

@@ -20,8 +20,9 @@ def _setup(**search):
     s = build_splits(DataConfig(dataset="synthetic", synthetic_size=640))
     vit = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3,
                     num_classes=4, embed_dim=48, depth=2, num_heads=4)
-    cfg = SearchConfig(**{"alpha_lr": 0.05, "warmup_epochs": 0.5, "epochs": 20,
-                          "eliminations_per_epoch": 4, **search})
+    ofb = {"alpha_lr": 0.05, "ramp_epochs": 0.5, "eliminations_per_epoch": 4,
+           **search.pop("ofb", {})}
+    cfg = SearchConfig(**{"epochs": 20, "lr_warmup_epochs": 0.5, "ofb": ofb, **search})
     loader = make_loader(s.train, 32, True, drop_last=True)
     method = get_method("ofb")(cfg, len(loader), ViTArch.from_timm(vit))
     model = method.wrap(vit)
@@ -38,7 +39,7 @@ def test_registry():
 
 
 def test_schedules():
-    method, model, _, loader = _setup(warmup_epochs=1)
+    method, model, _, loader = _setup(ofb={"ramp_epochs": 1})
     n = len(loader)
     assert method.lam(0) == pytest.approx(0.99) and method.lam(n) == pytest.approx(0.1)
     assert method.mask_ratio(0, model) == pytest.approx(0.05)
@@ -70,7 +71,7 @@ def test_search_finishes_at_the_target_macs(budget):
 
 
 def test_epoch_cap_takes_argmax_and_says_so():
-    method, model, opt, loader = _setup(alpha_lr=1e-6)
+    method, model, opt, loader = _setup(ofb={"alpha_lr": 1e-6})
     train_one_epoch(model, loader, opt, None, torch.device("cpu"), method=method)
     assert not method.finished(model)
     note = method.finalize(model, opt)

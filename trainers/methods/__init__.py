@@ -6,6 +6,14 @@ from trainers.methods import (  # noqa: F401  (importing registers each method)
     two_stage,
     vit_slim,
 )
-from trainers.methods.base import SearchMethod, get_method, list_methods, register_method
+from trainers.methods.base import (
+    SearchMethod,
+    get_method,
+    list_methods,
+    method_sections,
+    register_method,
+    section_of,
+)
 
-__all__ = ["SearchMethod", "get_method", "list_methods", "register_method"]
+__all__ = ["SearchMethod", "get_method", "list_methods", "method_sections", "register_method",
+           "section_of"]

@@ -1,12 +1,30 @@
-"""The one small interface every compression method implements, and its registry.
+"""The one contract every compression method implements, and its registry.
 
-The search loop (trainers/search.py) is shared: it calls these hooks and never asks which
-method it runs. Required: `wrap`, `finished`, `extract`. Everything else has a default.
+The search loop (trainers/search.py) is shared: it calls these hooks in a fixed order and never
+asks which method it runs. Call order on every worker::
 
-A complete minimal method (magnitude-free "keep the dense model", useful as a control)::
+    m = Method(search_cfg, steps_per_epoch, dense_arch)   # options: search_cfg.<m.section>
+    m.setup(device)                          # the worker's device (e.g. a teacher moves there)
+    model = m.wrap(dense)                    # the trainable search model around the dense ViT
+    if resuming:                             # from the last epoch checkpoint
+        m.load_state_dict(method_state)      #   the method's own state first,
+        m.restore(model, weights)            #   then the model's weights (may reshape it)
+    optimizer = AdamW(m.param_groups(model)) # trainers/optim.py: one weight-decay policy
+    while not m.finished(model) and epochs remain:
+        for each step:
+            logits, aux = m.forward(model, images, step)
+            terms = m.losses(model, images, targets, logits, aux, step)  # every term, weighted
+            sum(terms).backward(); clip; optimizer.step(); scheduler.step()
+            if m.after_step(model, step, optimizer): rebuild DDP (shapes changed)
+        checkpoint: model.state_dict() + m.state_dict(); report m.metrics(model)
+    note = m.finalize(model, optimizer)      # force a decision at the epoch cap
+    subnet, arch = m.extract(model)          # physically smaller, exported as arch.json
 
-    @register_method("dense_control")
-    class DenseControl(SearchMethod):
+Required: `wrap`, `finished`, `extract`; every other hook has a default. A complete minimal
+method (the dense model itself, a control)::
+
+    @register_method("keep_dense")
+    class KeepDense(SearchMethod):
         def wrap(self, dense):
             return dense
 
@@ -14,62 +32,89 @@ A complete minimal method (magnitude-free "keep the dense model", useful as a co
             return True
 
         def extract(self, model):
-            return model, ViTArch.from_timm(model)
+            m = unwrap(model)
+            return m, ViTArch.from_timm(m)
+
+A method with options declares `section = "name"` and `Options`, a `trainers.sections.Section`
+subclass; the config then validates `search.<section>.*` with it, and `self.opts` holds them.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from search_space.arch import ViTArch
+from search_space.cost import count_macs
+from search_space.models import unwrap
+from trainers.optim import decay_groups
+from trainers.sections import Section
 
 _METHODS: dict[str, type[SearchMethod]] = {}
 
 
-class SearchMethod:
-    """Hooks of one compression method. `cfg` is the `search` config section."""
+class SearchMethod(abc.ABC):
+    """Hooks of one compression method. `cfg` is the validated `search` config section."""
 
     name: ClassVar[str] = ""
+    section: ClassVar[str | None] = None  # config section search.<section>, None: no options
+    Options: ClassVar[type[Section] | None] = None
+    ddp_kwargs: ClassVar[dict[str, Any]] = {}  # extra DistributedDataParallel keywords
 
     def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch):
         self.cfg = cfg
+        self.opts = getattr(cfg, self.section) if self.section else None
         self.steps_per_epoch = steps_per_epoch
         self.dense_arch = dense_arch
+        self.dense_macs = count_macs(dense_arch)
+        self.target_macs: float | None = (
+            cfg.target_gmacs * 1e9 if getattr(cfg, "target_gmacs", None)
+            else getattr(cfg, "budget", 1.0) * self.dense_macs)
+        self.device = torch.device("cpu")
 
     # --- required ------------------------------------------------------------------------
+    @abc.abstractmethod
     def wrap(self, dense: nn.Module) -> nn.Module:
         """The trainable search model built around the (pretrained) dense ViT."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finished(self, model: nn.Module) -> bool:
-        raise NotImplementedError
+        """True once the method has decided its subnet (the loop stops early)."""
 
+    @abc.abstractmethod
     def extract(self, model: nn.Module) -> tuple[nn.Module, ViTArch]:
         """The physically smaller subnet and its architecture."""
-        raise NotImplementedError
 
     # --- optional hooks --------------------------------------------------------------------
-    target_macs: float | None = None  # what the method aims at (reported with the subnet)
+    def setup(self, device: torch.device) -> None:
+        """Called once on the worker, before `wrap`: the device the model will train on."""
+        self.device = device
 
     def max_steps(self) -> int | None:
-        """Steps the search needs at most (None: `search.epochs` decides). Two-stage scoring
-        needs a few batches, a control none."""
+        """Steps the search needs at most (None: `search.epochs` decides)."""
         return None
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        """AdamW groups under the shared weight-decay policy (trainers/optim.py)."""
+        return decay_groups(unwrap(model).named_parameters(), self.cfg.weight_decay)
 
     def forward(self, model: nn.Module, images: torch.Tensor, step: int) -> tuple[Any, Any]:
-        """(logits, aux) for one batch; aux goes to `extra_loss`."""
+        """(logits, aux) for one batch; aux goes to `losses`."""
         return model(images), None
 
-    def extra_loss(self, model: nn.Module, images: torch.Tensor, logits: torch.Tensor,
-                   aux: Any, ce: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
+    def losses(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+               logits: torch.Tensor, aux: Any, step: int) -> dict[str, torch.Tensor]:
+        """Every term of the loss, each with its weight applied; the loop sums them. The task
+        loss is a term like any other ("ce" here), so a method may reweight or replace it."""
+        return {"ce": self.task_loss(logits, targets)}
+
+    def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
 
     def after_step(self, model: nn.Module, step: int,
                    optimizer: torch.optim.Optimizer) -> bool:
@@ -82,14 +127,22 @@ class SearchMethod:
         return ""
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
+        return {"target_macs": self.target_macs}
+
+    def restore(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Load checkpointed weights into a freshly wrapped model."""
+        unwrap(model).load_state_dict(weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state (tensors, numbers, strings), saved in every checkpoint."""
         return {}
 
-    def restore(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Load a checkpointed state dict into a freshly wrapped model."""
-        model.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; called after `setup` and `wrap`, before `restore`."""
 
 
 def register_method(name: str) -> Callable[[type[SearchMethod]], type[SearchMethod]]:
+    """Class decorator: register a method under `name` (refuses duplicates)."""
     def deco(cls: type[SearchMethod]) -> type[SearchMethod]:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name]}")
@@ -108,3 +161,22 @@ def get_method(name: str) -> type[SearchMethod]:
 
 def list_methods() -> list[str]:
     return sorted(_METHODS)
+
+
+def method_sections() -> dict[str, type[Section]]:
+    """Config section name -> options schema, over every registered method (methods may share
+    a section, e.g. the two two-stage pruners, but then with one schema)."""
+    out: dict[str, type[Section]] = {}
+    for name in list_methods():
+        cls = _METHODS[name]
+        if cls.section is None:
+            continue
+        if cls.Options is None:
+            raise TypeError(f"method {name!r} names section {cls.section!r} but no Options")
+        if out.setdefault(cls.section, cls.Options) is not cls.Options:
+            raise TypeError(f"section search.{cls.section} has two schemas")
+    return out
+
+
+def section_of(method: str) -> str | None:
+    return get_method(method).section

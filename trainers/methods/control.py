@@ -9,7 +9,6 @@ from typing import Any
 from torch import nn
 
 from search_space.arch import ViTArch
-from search_space.cost import count_macs
 from search_space.models import unwrap
 from trainers.methods.base import SearchMethod, register_method
 
@@ -18,7 +17,7 @@ from trainers.methods.base import SearchMethod, register_method
 class DenseControl(SearchMethod):
     def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch):
         super().__init__(cfg, steps_per_epoch, dense_arch)
-        self.target_macs = count_macs(dense_arch)  # its budget is the dense model: 100%
+        self.target_macs = self.dense_macs  # its budget is the dense model: 100%
 
     def wrap(self, dense: nn.Module) -> nn.Module:
         return dense

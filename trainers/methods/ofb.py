@@ -8,13 +8,15 @@ Schedules are per step: lambda 0.99 -> 0.1 and the PMIM mask ratio 0.05 -> `mask
 warm-up, then held; the ratio drops to 0 (decoder frozen) when every module is finished.
 
 Decisions where the paper leaves a choice:
-- Elimination runs `eliminations_per_epoch` times per epoch from the end of the warm-up on
-  (during the warm-up lambda ~ 1, so the masks barely depend on alpha yet). Before each
+- Elimination runs `eliminations_per_epoch` times per epoch from the end of the ramp
+  (`ramp_epochs`, the lambda and mask-ratio warm-up; during it lambda ~ 1, so the masks barely
+  depend on alpha yet). Before each
   elimination alpha is averaged over workers and S broadcast from rank 0, so every worker
   slices identically.
-- Three AdamW groups as published: weights + S (S without weight decay), alpha (betas 0.5/0.999,
-  its own lr `alpha_lr`, which we raise above the weights' lr so short searches converge),
-  decoder + mask token.
+- Three AdamW groups as published: weights + S, alpha (betas 0.5/0.999, its own lr `alpha_lr`,
+  which we raise above the weights' lr so short searches converge), decoder + mask token; weight
+  decay by the shared policy (trainers/optim.py: S, alpha, the mask token and biases not
+  decayed; published: alpha and the decoder bias decayed).
 - Budget first, then decide: while the expected MACs are further than `macs_tolerance` (x dense
   MACs) from the target, elimination waits and the MACs-loss weight grows 1% per step (it relaxes
   back to the published 5 inside the tolerance) and the one-hot term is held back. (Latching
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from pydantic import Field
 from torch import nn
 
 from search_space import bimask, pmim
@@ -42,56 +45,78 @@ from search_space.models import unwrap
 from search_space.subnet import extract_subnet
 from search_space.supernet import SearchableViT
 from trainers.methods.base import SearchMethod, register_method
+from trainers.optim import decay_groups
+from trainers.sections import Section
+
+
+class OFBOptions(Section):
+    """`search.ofb.*` (METHODS.md section 1; fewer epochs for small models)."""
+
+    ramp_epochs: float = Field(1, ge=0, description="lambda 0.99 -> 0.1 and PMIM mask-ratio "
+                               "ramp; elimination starts after it")
+    alpha_lr: float = Field(5e-3, gt=0, description="lr of the architecture logits alpha")
+    temperature: float = Field(1.0, gt=0, description="one-hot temperature: softmax(alpha / T)")
+    width_multiple: int = Field(1, ge=1, description="only candidate widths that are multiples"
+                                " of this (8: hardware-friendly); 1 = the published lists")
+    mask_ratio: float = Field(0.25, ge=0, lt=1, description="PMIM ratio after the ramp")
+    mask_ratio_start: float = Field(0.05, ge=0, lt=1)
+    lambda_start: float = Field(0.99, ge=0, le=1)
+    lambda_end: float = Field(0.1, ge=0, le=1)
+    macs_loss_weight: float = Field(5.0, ge=0)
+    macs_tolerance: float | None = Field(
+        0.02, gt=0, description="decide only while |expected - target| MACs <= this x dense MACs; "
+        "null = always (as published)")
+    eliminations_per_epoch: int = Field(3, ge=1)
+    elimination_factor: float = Field(0.2, gt=0, lt=1)
 
 
 @register_method("ofb")
 class OFB(SearchMethod):
+    section = "ofb"
+    Options = OFBOptions
+
     def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch):
         super().__init__(cfg, steps_per_epoch, dense_arch)
-        self.warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-        self.elim_every = max(1, steps_per_epoch // cfg.eliminations_per_epoch)
-        self.dense_macs = count_macs(dense_arch)
-        self.target_macs = (cfg.target_gmacs * 1e9 if cfg.target_gmacs
-                            else cfg.budget * self.dense_macs)
+        o = self.opts
+        self.warmup_steps = int(o.ramp_epochs * steps_per_epoch)
+        self.elim_every = max(1, steps_per_epoch // o.eliminations_per_epoch)
         self.step = 0
-        self.macs_weight = cfg.macs_loss_weight  # adaptive; restarts at w0 after a resume
+        self.macs_weight = o.macs_loss_weight  # adaptive; checkpointed with the method's state
 
     # --- schedules ---------------------------------------------------------------------------
     def lam(self, step: int) -> float:
-        return bimask.linear_schedule(step, self.warmup_steps, self.cfg.lambda_start,
-                                      self.cfg.lambda_end)
+        return bimask.linear_schedule(step, self.warmup_steps, self.opts.lambda_start,
+                                      self.opts.lambda_end)
 
     def mask_ratio(self, step: int, model: nn.Module) -> float:
         if unwrap(model).is_finished:
             return 0.0
-        return bimask.linear_schedule(step, self.warmup_steps, self.cfg.mask_ratio_start,
-                                      self.cfg.mask_ratio)
+        return bimask.linear_schedule(step, self.warmup_steps, self.opts.mask_ratio_start,
+                                      self.opts.mask_ratio)
 
     # --- interface ---------------------------------------------------------------------------
     def wrap(self, dense: nn.Module) -> SearchableViT:
-        return SearchableViT(dense, self.cfg.width_multiple)
+        return SearchableViT(dense, self.opts.width_multiple)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         sn: SearchableViT = unwrap(model)
-        c = self.cfg
+        wd, lr = self.cfg.weight_decay, self.cfg.lr
         alpha, S, dec = sn.arch_params(), sn.importance_params(), sn.decoder_params()
-        special = {id(p) for p in (*alpha, *S, *dec)}
-        decay, no_decay = [], []
-        for p in sn.parameters():
-            if id(p) not in special:
-                (no_decay if p.ndim <= 1 or p.ndim == 3 else decay).append(p)  # 3: tokens/pos
+        special = {id(p) for p in (*alpha, *dec)}
+        weights = [(n, p) for n, p in sn.named_parameters() if id(p) not in special]
+        dec_ids = {id(p) for p in dec}
         return [
-            {"params": decay, "lr": c.lr, "weight_decay": c.weight_decay, "name": "weights"},
-            {"params": no_decay + S, "lr": c.lr, "weight_decay": 0.0, "name": "weights_no_wd"},
-            {"params": alpha, "lr": c.alpha_lr, "weight_decay": c.weight_decay,
+            *decay_groups(weights, wd, no_decay=S, lr=lr),
+            {"params": alpha, "lr": self.opts.alpha_lr, "weight_decay": 0.0,
              "betas": (0.5, 0.999), "name": "alpha"},
-            {"params": dec, "lr": c.lr, "weight_decay": c.weight_decay, "name": "decoder"},
+            *decay_groups([(n, p) for n, p in sn.named_parameters() if id(p) in dec_ids], wd,
+                          name="decoder", lr=lr),
         ]
 
     def forward(self, model: nn.Module, images: torch.Tensor, step: int):
         self.step = step
         sn: SearchableViT = unwrap(model)
-        sn.set_schedule(self.lam(step), self.cfg.temperature)
+        sn.set_schedule(self.lam(step), self.opts.temperature)
         ratio = self.mask_ratio(step, model)
         if ratio <= 0:
             return model(images), None
@@ -100,19 +125,20 @@ class OFB(SearchMethod):
         logits, recon = model(images, patch_mask)
         return logits, (patch_mask, recon)
 
-    def extra_loss(self, model, images, logits, aux, ce) -> dict[str, torch.Tensor]:
+    def losses(self, model, images, targets, logits, aux, step) -> dict[str, torch.Tensor]:
+        ce = self.task_loss(logits, targets)
         sn: SearchableViT = unwrap(model)
         if sn.is_finished:
-            return {}
+            return {"ce": ce}
         rel = (sn.expected_macs() - self.target_macs) / self.dense_macs
-        tol = self.cfg.macs_tolerance
+        tol = self.opts.macs_tolerance
         on_budget = tol is None or abs(float(rel.detach())) <= tol
         if tol is not None:  # outside the tolerance the MACs weight grows, inside it relaxes
-            w0 = self.cfg.macs_loss_weight
+            w0 = self.opts.macs_loss_weight
             self.macs_weight = (max(w0, self.macs_weight / 1.01) if on_budget
                                 else min(w0 * 1000, self.macs_weight * 1.01))
         search = sum(m.search_loss(1.0 if on_budget else 0.0) for m in sn.searchable())
-        out = {"search": search, "macs": self.macs_weight * rel**2}
+        out = {"ce": ce, "search": search, "macs": self.macs_weight * rel**2}
         if aux is not None:
             patch_mask, recon = aux
             rec = pmim.reconstruction_loss(recon, images, patch_mask, sn.dense_arch.patch_size)
@@ -138,7 +164,7 @@ class OFB(SearchMethod):
         if sn.is_finished:
             return False
         self._sync(sn)
-        tol = self.cfg.macs_tolerance
+        tol = self.opts.macs_tolerance
         if tol is not None:
             with torch.no_grad():
                 off = abs(float(sn.expected_macs()) - self.target_macs) / self.dense_macs
@@ -146,7 +172,7 @@ class OFB(SearchMethod):
                 return False
         changed = False
         for m in sn.searchable():
-            if m.eliminate(self.cfg.elimination_factor, optimizer=optimizer):
+            if m.eliminate(self.opts.elimination_factor, optimizer=optimizer):
                 changed = True
             if not m.is_finished and m.n_live() == 1:
                 m.finish(optimizer)
@@ -189,6 +215,12 @@ class OFB(SearchMethod):
             "mask_ratio": self.mask_ratio(self.step, model),
         }
 
-    def restore(self, model, state) -> None:
-        unwrap(model).load_search_state(state)
+    def restore(self, model, weights) -> None:
+        unwrap(model).load_search_state(weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "macs_weight": self.macs_weight}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.macs_weight = int(state["step"]), float(state["macs_weight"])
 

@@ -2,8 +2,9 @@
 
 Stage 1 (the search phase): weights and multipliers zeta train together for `search.epochs`
 with CE + w1 sum|zeta_attn| + w2 sum|zeta_mlp| (+ w3 sum|tanh zeta_tok| with
-`search.slim_tokens=true`; weights `search.slim_l1_attn`, `slim_l1_mlp`, `slim_l1_tok`;
-one AdamW, lr `search.lr`, zeta without weight decay). Stage 2 (`extract`): zeta is folded into
+`search.vit_slim.tokens=true`; weights `search.vit_slim.l1_attn`, `l1_mlp`, `l1_tok`;
+one AdamW, lr `search.lr`, under the shared weight-decay policy: zeta, norms and biases not
+decayed). Stage 2 (`extract`): zeta is folded into
 the weights (the kept units keep their learned scale: the pruned model computes what the
 searched one did, minus the pruned units), then one global threshold per unit type, at the
 quantile that meets the MACs budget (counted by the shared analytic counter, not a parameter
@@ -21,38 +22,45 @@ import copy
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from search_space.allocate import allocate_threshold
 from search_space.arch import ViTArch
-from search_space.cost import count_macs
 from search_space.models import unwrap
 from search_space.prune import apply_plan
 from search_space.slim import SlimViT
 from trainers.methods.base import SearchMethod, register_method
+from trainers.optim import decay_groups
+from trainers.sections import Section
+
+
+class ViTSlimOptions(Section):
+    """`search.vit_slim.*`: the l1 weights of METHODS.md section 2 (DeiT-S values)."""
+
+    l1_attn: float = Field(2e-4, ge=0, description="l1 weight on |zeta_attn|")
+    l1_mlp: float = Field(5e-5, ge=0, description="l1 weight on |zeta_mlp|")
+    tokens: bool = Field(False, description="also search token positions (monotone over "
+                         "depth; the subnet drops pruned positions)")
+    l1_tok: float = Field(1e-4, ge=0, description="l1 weight on |tanh zeta_tok|")
 
 
 @register_method("vit_slim")
 class ViTSlim(SearchMethod):
-    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch):
-        super().__init__(cfg, steps_per_epoch, dense_arch)
-        self.dense_macs = count_macs(dense_arch)
-        self.target_macs = (cfg.target_gmacs * 1e9 if cfg.target_gmacs
-                            else cfg.budget * self.dense_macs)
+    section = "vit_slim"
+    Options = ViTSlimOptions
 
     def wrap(self, dense: nn.Module) -> SlimViT:
-        return SlimViT(dense, tokens=self.cfg.slim_tokens)
+        return SlimViT(dense, tokens=self.opts.tokens)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         sv: SlimViT = unwrap(model)
-        zetas = {id(z) for z in sv.zetas()}
-        weights = [p for p in sv.parameters() if id(p) not in zetas and p.requires_grad]
-        return [{"params": weights, "weight_decay": self.cfg.weight_decay},
-                {"params": sv.zetas(), "weight_decay": 0.0}]
+        return decay_groups(sv.named_parameters(), self.cfg.weight_decay, no_decay=sv.zetas())
 
-    def extra_loss(self, model, images, logits, aux, ce) -> dict[str, torch.Tensor]:
-        c = self.cfg
-        return {"l1": unwrap(model).l1(c.slim_l1_attn, c.slim_l1_mlp, c.slim_l1_tok)}
+    def losses(self, model, images, targets, logits, aux, step) -> dict[str, torch.Tensor]:
+        o = self.opts
+        return {"ce": self.task_loss(logits, targets),
+                "l1": unwrap(model).l1(o.l1_attn, o.l1_mlp, o.l1_tok)}
 
     def finished(self, model: nn.Module) -> bool:
         return False  # searches for search.epochs, as published (50 epochs on ImageNet)
