@@ -36,22 +36,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def preflight(cfg: Config) -> None:
-    """Checks that need no Ray: the model builds (on the meta device), the data is there."""
+    """Checks that need no Ray: the model builds (on the meta device), the data is there, and
+    one real training image has the model's input shape (else every worker would fail)."""
     from search_space.arch import ViTArch
     from search_space.cost import cost_of
-    from trainers.data import build_splits
+    from trainers.data import build_splits, check_fits
     from trainers.model_factory import build_dense
 
     model = build_dense(cfg, device="meta", pretrained=False)
     if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).expanduser().is_file():
         raise ConfigError(f"model.pretrained_file={cfg.model.pretrained_file!r} does not exist")
-    c = cost_of(ViTArch.from_timm(model))
+    arch = ViTArch.from_timm(model)
+    c = cost_of(arch)
     print(f"[run] model {cfg.model.name}: {c.gmacs * 1e3:.1f} M MACs/image, "
           f"{c.mparams:.2f} M params", flush=True)
-    splits = build_splits(cfg.data)
+    # built as the workers build it, then compared with the model they build
+    splits = build_splits(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
+    check_fits(splits, arch.in_chans, arch.img_size, arch.num_classes)
     val = len(splits.val) if splits.val is not None else 0
     print(f"[run] data {cfg.data.dataset}: {len(splits.train)} train / {val} val / "
-          f"{len(splits.test)} test images", flush=True)
+          f"{len(splits.test)} test images of {arch.in_chans}x{arch.img_size}x{arch.img_size}",
+          flush=True)
     if cfg.pipeline == "search":
         from orchestrator.tracking import check_store
 

@@ -143,8 +143,28 @@ def synthetic(root: str | None, cfg: Any, seed: int) -> DataSplits:
     return DataSplits(train, val, TensorDataset(x[n:], labels[n:]), 3, classes, size)
 
 
-def imagefolder(root: str | None, cfg: Any, seed: int, img_size: int | None = None) -> DataSplits:
-    """ImageNet-style `root/train/<class>/*.jpg` and `root/val/<class>/*.jpg` folders."""
+FOLDER_CHANNELS = (1, 3)  # grayscale or RGB: what `in_chans` an image folder can be read as
+
+
+def folder_channels(in_chans: int | None) -> int:
+    """The channel count an image folder is read with: the model's `in_chans`, 3 by default.
+
+    One message for every caller (model defaults, split building), so a bad value is refused
+    the same way before Ray starts as on a worker."""
+    if in_chans is None:
+        return 3
+    if in_chans not in FOLDER_CHANNELS:
+        raise DataError(f"model.in_chans={in_chans} with data.dataset=imagefolder; allowed: 1 "
+                        "(images read as grayscale) or 3 (read as RGB); unset means 3")
+    return in_chans
+
+
+def imagefolder(root: str | None, cfg: Any, seed: int, img_size: int | None = None,
+                in_chans: int | None = None) -> DataSplits:
+    """ImageNet-style `root/train/<class>/*.jpg` and `root/val/<class>/*.jpg` folders.
+
+    Images are resized to the model's `img_size` (default 224) and read as `in_chans` channels
+    (1: grayscale, 3: RGB), so any folder fits the model it is trained with."""
     from torchvision import datasets
     from torchvision.transforms import v2
 
@@ -154,17 +174,24 @@ def imagefolder(root: str | None, cfg: Any, seed: int, img_size: int | None = No
     for sub in ("train", "val"):
         if not (folder / sub).is_dir():
             raise DataError(f"data.root={str(folder)!r} must hold {sub}/<class>/<images> folders")
-    size = img_size or 224
-    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    size, chans = img_size or 224, folder_channels(in_chans)
+    if chans == 1:  # ImageNet's statistics averaged over its three channels
+        color, mean, std = v2.Grayscale(num_output_channels=1), (0.449,), (0.226,)
+    else:
+        color, mean, std = v2.RGB(), IMAGENET_MEAN, IMAGENET_STD
+    to_float = [color, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     train_tf = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *to_float,
-                           v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                           v2.Normalize(mean, std)])
     eval_tf = v2.Compose([v2.Resize(int(size / 0.875)), v2.CenterCrop(size), *to_float,
-                          v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                          v2.Normalize(mean, std)])
     train_all = datasets.ImageFolder(folder / "train", train_tf if cfg.augment else eval_tf)
     train_eval = datasets.ImageFolder(folder / "train", eval_tf)
     train, val = _split_val(train_all, cfg.val_fraction, seed, train_eval)
     test = datasets.ImageFolder(folder / "val", eval_tf)
-    return DataSplits(train, val, test, 3, len(train_all.classes), size)
+    if test.classes != train_all.classes:  # labels are class indices: both must agree
+        raise DataError(f"data.root={str(folder)!r}: val/ holds classes {test.classes} but "
+                        f"train/ holds {train_all.classes}; give both the same class folders")
+    return DataSplits(train, val, test, chans, len(train_all.classes), size)
 
 
 def _cifar(num_classes: int) -> Callable[..., DataSplits]:
@@ -207,16 +234,22 @@ def _limit(ds: Dataset | None, n: int | None) -> Dataset | None:
     return Subset(ds, range(n))
 
 
-def build_splits(cfg: Any, img_size: int | None = None) -> DataSplits:
-    """Build the three splits named by a `DataConfig`, truncated to max_*_samples. The split is
-    seeded by `cfg.split_seed`, not the run's seed: trials of a seed sweep share one split."""
+def build_splits(cfg: Any, img_size: int | None = None, in_chans: int | None = None
+                 ) -> DataSplits:
+    """Build the three splits named by a `DataConfig`, truncated to max_*_samples.
+
+    `img_size` and `in_chans` are the model's (`model.img_size`, `model.in_chans`; None: the
+    data set's own): an image folder is resized and converted to them, a data set of fixed shape
+    refuses any other. The split is seeded by `cfg.split_seed`, not the run's seed: trials of a
+    seed sweep share one split."""
     seed = cfg.split_seed
     if cfg.dataset not in DATASETS:
         raise DataError(f"data.dataset={cfg.dataset!r}; allowed: {sorted(DATASETS)}")
     build = DATASETS[cfg.dataset]
     if cfg.dataset == "imagefolder":
-        s = build(cfg.root, cfg, seed, img_size)
+        s = build(cfg.root, cfg, seed, img_size, in_chans)
     else:
+        _check_fixed(cfg.dataset, img_size, in_chans)
         s = build(cfg.root, cfg, seed)
     s.train = _limit(s.train, cfg.max_train_samples)
     s.val = _limit(s.val, cfg.max_eval_samples)
@@ -231,16 +264,50 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
                       drop_last=drop_last, generator=g, persistent_workers=workers > 0)
 
 
-def dataset_shape(cfg: Any) -> tuple[int, int, int]:
+FIXED_SHAPES = {"fashion_mnist": (1, 10, 28), "synthetic": (3, 4, 32), "cifar10": (3, 10, 32),
+                "cifar100": (3, 100, 32)}  # (in_chans, num_classes, img_size)
+
+
+def _check_fixed(dataset: str, img_size: int | None, in_chans: int | None) -> None:
+    """A data set of fixed shape is never resized: a model asking for another shape is refused."""
+    chans, _, size = FIXED_SHAPES[dataset]
+    if in_chans is not None and in_chans != chans:
+        raise DataError(f"model.in_chans={in_chans} but data.dataset={dataset!r} has {chans} "
+                        "channel(s); leave model.in_chans unset")
+    if img_size is not None and img_size != size:
+        raise DataError(f"model.img_size={img_size} but data.dataset={dataset!r} images are "
+                        f"{size}x{size}; leave model.img_size unset")
+
+
+def dataset_shape(cfg: Any, img_size: int | None = None, in_chans: int | None = None
+                  ) -> tuple[int, int, int]:
     """(in_chans, num_classes, img_size) of a data set without loading it: used to default the
-    model's shape and to validate the config before Ray starts."""
-    fixed = {"fashion_mnist": (1, 10, 28), "synthetic": (3, 4, 32), "cifar10": (3, 10, 32),
-             "cifar100": (3, 100, 32)}
-    if cfg.dataset in fixed:
-        return fixed[cfg.dataset]
+    model's shape and to validate the config before Ray starts. `img_size`/`in_chans` are the
+    model's, as in `build_splits`: an image folder takes them, a fixed data set refuses others."""
+    if cfg.dataset in FIXED_SHAPES:
+        _check_fixed(cfg.dataset, img_size, in_chans)
+        return FIXED_SHAPES[cfg.dataset]
     if cfg.root is None:
         raise DataError("data.dataset=imagefolder needs data.root (a folder with train/ and val/)")
     train = Path(cfg.root).expanduser() / "train"
     if not train.is_dir():
         raise DataError(f"data.root={cfg.root!r} must hold train/<class>/ and val/<class>/")
-    return 3, sum(1 for p in train.iterdir() if p.is_dir()), 224
+    classes = sum(1 for p in train.iterdir() if p.is_dir())
+    return folder_channels(in_chans), classes, img_size or 224
+
+
+def check_fits(splits: DataSplits, in_chans: int, img_size: int, num_classes: int) -> None:
+    """Refuse a model that the data does not fit, from one real training sample: run before Ray
+    starts, so a mismatch is one message instead of a failure in every worker."""
+    try:
+        x, _ = splits.train[0]
+    except (OSError, ValueError) as e:  # e.g. PIL's UnidentifiedImageError
+        raise DataError(f"cannot read the first training image: {type(e).__name__}: {e}") from None
+    want = (in_chans, img_size, img_size)
+    if tuple(x.shape) != want:
+        raise DataError(f"the data's images are {tuple(x.shape)} (C, H, W) but the model takes "
+                        f"{want} (model.in_chans, model.img_size, model.img_size); leave them "
+                        "unset to follow the data, or set them to the data's shape")
+    if num_classes < splits.num_classes:
+        raise DataError(f"model.num_classes={num_classes} but the data has {splits.num_classes} "
+                        f"classes; allowed: >= {splits.num_classes} (unset: the data's)")

@@ -13,19 +13,16 @@ from trainers.data import dataset_shape
 
 
 def dense_model_kwargs(cfg: Any) -> dict[str, Any]:
-    """timm keywords for `cfg.model`, filling shape keys the user left unset from `cfg.data`."""
-    in_chans, num_classes, img_size = dataset_shape(cfg.data)
+    """timm keywords for `cfg.model`, filling shape keys the user left unset from `cfg.data`.
+
+    The data set decides what the model may ask for (`dataset_shape` refuses, e.g., in_chans=2
+    for an image folder or img_size=56 for Fashion-MNIST), so model and data agree by build."""
     kw = cfg.model.overrides()
+    in_chans, num_classes, img_size = dataset_shape(cfg.data, kw.get("img_size"),
+                                                    kw.get("in_chans"))
     kw.setdefault("in_chans", in_chans)
     kw.setdefault("num_classes", num_classes)
     kw.setdefault("img_size", img_size)
-    if kw["in_chans"] != in_chans:
-        raise ValueError(f"model.in_chans={kw['in_chans']} but data.dataset={cfg.data.dataset!r} "
-                         f"has {in_chans} channel(s); leave model.in_chans unset")
-    if cfg.data.dataset != "imagefolder" and kw["img_size"] != img_size:
-        raise ValueError(f"model.img_size={kw['img_size']} but data.dataset="
-                         f"{cfg.data.dataset!r} images are {img_size}x{img_size}; leave "
-                         "model.img_size unset")
     return kw
 
 
