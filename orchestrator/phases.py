@@ -19,6 +19,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import Config
+from orchestrator.records import TrialRecord
 from trainers.search import SUBNET_DIR, search_loop
 from trainers.supervised import supervised_loop
 
@@ -232,25 +233,20 @@ def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
 
 
 def trial_result(cfg: Config, search: SearchResult, tuned: FinetuneResult,
-                 wall: float) -> dict[str, Any]:
-    """The final record of one trial (search -> fine-tune): what Tune and MLflow receive."""
+                 wall: float) -> TrialRecord:
+    """The record of one finished trial (search -> fine-tune): what Tune, results.parquet and
+    MLflow receive. Top-1 is as measured; `feasible` alone says whether it met max_macs."""
     f = search.final
-    top1 = tuned.metrics["test_top1"]
     feasible = cfg.sweep is None or cfg.sweep.max_macs is None or f["macs"] <= cfg.sweep.max_macs
     target = f.get("target_macs") or (cfg.search.target_gmacs * 1e9 if cfg.search.target_gmacs
                                       else cfg.search.budget * f["dense_macs"])
-    return {
-        "phase": "done", "method": cfg.search.method, "target_macs": target,
-        "macs": f["macs"], "feasible": feasible,
-        # single-objective with a MACs constraint: an infeasible trial ranks below all others
-        "top1": top1 if feasible else top1 - 1.0, "top1_test": top1,
-        "params": f["params"], "dense_macs": f["dense_macs"],
-        "top1_before_finetune": f["test_top1_before_finetune"],
-        "search_device_hours": search.cost.device_hours,
-        "finetune_device_hours": tuned.cost.device_hours,
-        "device_kind": search.cost.device_kind, "subnet_path": str(search.subnet),
-        "search_note": f.get("note", ""), "node_id": f.get("node_id", ""),
-        "trial_wall_s": wall,
-        "trial_overhead_s": wall - search.cost.worker_seconds - tuned.cost.worker_seconds,
-        "trial_dir": str(cfg.run_dir),
-    }
+    return TrialRecord(
+        method=cfg.search.method, target_macs=target, macs=f["macs"], params=f["params"],
+        dense_macs=f["dense_macs"], top1=tuned.metrics["test_top1"], feasible=feasible,
+        top1_before_finetune=f["test_top1_before_finetune"],
+        search_device_hours=search.cost.device_hours,
+        finetune_device_hours=tuned.cost.device_hours, subnet_path=str(search.subnet),
+        device_kind=search.cost.device_kind, node_id=f.get("node_id", ""),
+        search_note=f.get("note", ""), trial_wall_s=wall,
+        trial_overhead_s=wall - search.cost.worker_seconds - tuned.cost.worker_seconds,
+        trial_dir=str(cfg.run_dir))

@@ -20,10 +20,15 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from orchestrator.records import TrialRecord, as_record, best_of
+
+Rows = Iterable[TrialRecord | Mapping[str, Any]]  # records, or flat rows (results.parquet's)
 
 REFERENCE = "ofb"  # the one-stage method every other method is compared with
 CONTROL = "dense_control"  # the dense model fine-tuned like the subnets, not pruned
@@ -45,55 +50,50 @@ class Report:
     text: str = ""
 
 
-def budget_label(target_macs: float, dense_macs: float) -> str:
-    """`0.5 x dense` -> "50pct": a registry-alias-safe name for a MACs budget."""
-    return f"{round(100 * target_macs / dense_macs)}pct"
+def pareto_front(rows: list, objectives: list[Any]) -> list:
+    """Rows not dominated by any other row under the sweep's objectives. A feasible row
+    dominates every infeasible one (sweep.max_macs), whatever their top-1."""
+    recs = [as_record(r) for r in rows]
 
+    def dominates(a: TrialRecord, b: TrialRecord) -> bool:
+        if a.feasible != b.feasible:
+            return a.feasible
+        pairs = [(getattr(a, o.metric), getattr(b, o.metric), o.mode) for o in objectives]
+        return all(x >= y if mode == "max" else x <= y for x, y, mode in pairs) and any(
+            x != y for x, y, _ in pairs)
 
-def budget_of(row: dict[str, Any]) -> str:
-    return budget_label(row["target_macs"], row["dense_macs"])
-
-
-def pareto_front(rows: list[dict], objectives: list[Any]) -> list[dict]:
-    """Rows not dominated by any other row under the sweep's objectives."""
-    def better_or_equal(a: dict, b: dict) -> bool:
-        return all((a[o.metric] >= b[o.metric]) if o.mode == "max" else
-                   (a[o.metric] <= b[o.metric]) for o in objectives)
-
-    front = [r for r in rows if not any(
-        better_or_equal(o, r) and any(o[x.metric] != r[x.metric] for x in objectives)
-        for o in rows if o is not r)]
-    return sorted(front, key=lambda r: r.get("macs", 0))
+    front = [(row, r) for row, r in zip(rows, recs, strict=True)
+             if not any(dominates(o, r) for o in recs if o is not r)]
+    return [row for row, r in sorted(front, key=lambda f: f[1].macs or 0)]
 
 
 TOP1_VS_MACS = [SimpleNamespace(metric="top1", mode="max"),
                 SimpleNamespace(metric="macs", mode="min")]
 
 
-def build(rows: list[dict[str, Any]], dense: Dense) -> Report:
-    """Group trials by (method, budget) and compute the cost comparison."""
-    rows = [r for r in rows if r.get("top1") is not None and r.get("dense_macs")]
-    share = dense.device_hours / max(len(rows), 1)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], budget_of(r)), []).append(r)
+def build(rows: Rows, dense: Dense) -> Report:
+    """Group trials by (method, budget) and compute the cost comparison. Top-1 is as measured;
+    the best of a group is its best feasible trial (sweep.max_macs), if it has one."""
+    recs = [r for r in map(as_record, rows) if r.top1 is not None and r.dense_macs]
+    share = dense.device_hours / max(len(recs), 1)
+    groups: dict[tuple[str, str], list[TrialRecord]] = {}
+    for r in recs:
+        groups.setdefault((r.method, r.budget), []).append(r)
     out = []
     for (method, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -_pct(kv[0]))):
-        best = max(rs, key=lambda r: r["top1"])
-        search = statistics.fmean(r["search_device_hours"] for r in rs)
-        total = statistics.fmean(share + r["search_device_hours"] + r["finetune_device_hours"]
-                                 for r in rs)
-        before = [r["top1_before_finetune"] for r in rs
-                  if r.get("top1_before_finetune") is not None]
+        top1 = [r.top1 for r in rs]
+        before = [r.top1_before_finetune for r in rs if r.top1_before_finetune is not None]
         out.append({"method": method, "budget": budget, "trials": len(rs),
-                    "top1_best": best["top1"],
-                    "top1_mean": statistics.fmean(r["top1"] for r in rs),
-                    "top1_sd": statistics.stdev(r["top1"] for r in rs) if len(rs) > 1 else None,
+                    "infeasible": sum(not r.feasible for r in rs),
+                    "top1_best": best_of(rs).top1, "top1_mean": statistics.fmean(top1),
+                    "top1_sd": statistics.stdev(top1) if len(rs) > 1 else None,
                     "top1_before_ft": statistics.fmean(before) if before else None,
-                    "macs": statistics.fmean(r["macs"] for r in rs),
-                    "macs_of_dense": statistics.fmean(r["macs"] / r["dense_macs"] for r in rs),
-                    "params": statistics.fmean(r["params"] for r in rs),
-                    "search_h": search, "total_h": total})
+                    "macs": statistics.fmean(r.macs for r in rs),
+                    "macs_of_dense": statistics.fmean(r.macs / r.dense_macs for r in rs),
+                    "params": statistics.fmean(r.params for r in rs),
+                    "search_h": statistics.fmean(r.search_device_hours for r in rs),
+                    "total_h": statistics.fmean(share + r.search_device_hours
+                                                + r.finetune_device_hours for r in rs)})
     comparison, metrics = [], {}
     for method in sorted({g["method"] for g in out}):
         search = statistics.fmean(g["search_h"] for g in out if g["method"] == method)
@@ -142,10 +142,17 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
              f"{100 * g['macs_of_dense']:.1f}%", f"{g['params'] / 1e6:.3f}M",
              f"{g['search_h']:.4f}", f"{g['total_h']:.4f}"]
             for g in groups]
+    if any(g["infeasible"] for g in groups):  # only sweeps with sweep.max_macs have any
+        head.insert(3, "infeasible")
+        for b, g in zip(body, groups, strict=True):
+            b.insert(3, str(g["infeasible"]))
     kind = f"{dense.device_kind}-hours"
     lines = [f"== subnets per method and budget (costs in {kind}) ==", _table(head, body)]
     lines.append("   top-1 on the test set after the shared fine-tune: mean +/- sd over trials "
                  "(seeds); 'before FT' = right after extraction, mean; MACs and params: mean")
+    if "infeasible" in head:
+        lines.append("   infeasible = trials above sweep.max_macs: their top-1 is as measured, "
+                     "and 'top-1 best' is the best feasible trial's when the group has one")
     lines.append(f"   dense: top-1 {pct(dense.top1)}, "
                  f"{(dense.macs or 0) / 1e6:.2f}M MACs, trained in {dense.device_hours:.4f} "
                  f"{kind} (shared by every trial; its share is in 'total h')")
@@ -165,24 +172,28 @@ def _table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def plot_pareto(rows: list[dict[str, Any]], dense: Dense, path: Path, title: str) -> Path:
-    """Top-1 vs MACs, one series per method, marker area ~ search cost, the Pareto front."""
+def plot_pareto(rows: Rows, dense: Dense, path: Path, title: str) -> Path:
+    """Top-1 vs MACs, one series per method, marker area ~ search cost, the Pareto front;
+    trials above sweep.max_macs are crossed out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.get("top1") is not None]
+    recs = [r for r in map(as_record, rows) if r.top1 is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    top_h = max([r["search_device_hours"] for r in rows] + [1e-9])
-    for method in sorted({r["method"] for r in rows}):
-        rs = [r for r in rows if r["method"] == method]
-        ax.scatter([r["macs"] / 1e6 for r in rs], [100 * r["top1"] for r in rs],
-                   s=[30 + 370 * r["search_device_hours"] / top_h for r in rs], alpha=0.7,
+    top_h = max([r.search_device_hours for r in recs] + [1e-9])
+    for method in sorted({r.method for r in recs}):
+        rs = [r for r in recs if r.method == method]
+        ax.scatter([r.macs / 1e6 for r in rs], [100 * r.top1 for r in rs],
+                   s=[30 + 370 * r.search_device_hours / top_h for r in rs], alpha=0.7,
                    label=method, edgecolors="black", linewidths=0.5)
-    front = pareto_front(rows, TOP1_VS_MACS)
+    if bad := [r for r in recs if not r.feasible]:
+        ax.scatter([r.macs / 1e6 for r in bad], [100 * r.top1 for r in bad], marker="x", s=80,
+                   c="red", label="infeasible (> max_macs)", zorder=3)
+    front = pareto_front(recs, TOP1_VS_MACS)
     if front:
-        ax.plot([r["macs"] / 1e6 for r in front], [100 * r["top1"] for r in front], "k--",
+        ax.plot([r.macs / 1e6 for r in front], [100 * r.top1 for r in front], "k--",
                 lw=1, label="Pareto front", drawstyle="steps-post")
     if dense.top1 is not None and dense.macs:
         ax.scatter([dense.macs / 1e6], [100 * dense.top1], marker="*", s=200, c="gold",
@@ -199,7 +210,7 @@ def plot_pareto(rows: list[dict[str, Any]], dense: Dense, path: Path, title: str
     return path
 
 
-def write(report: Report, rows: list[dict[str, Any]], dense: Dense, out: Path,
+def write(report: Report, rows: Rows, dense: Dense, out: Path,
           title: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.txt").write_text(report.text + "\n")
@@ -211,21 +222,21 @@ def write(report: Report, rows: list[dict[str, Any]], dense: Dense, out: Path,
 
 
 # -- sources --------------------------------------------------------------------------------
-def from_folder(folder: Path) -> tuple[list[dict[str, Any]], Dense]:
+def from_folder(folder: Path) -> tuple[list[TrialRecord], Dense]:
     import pyarrow.parquet as pq
 
     table = folder / "results.parquet"
     if not table.is_file():
         raise FileNotFoundError(f"{folder} holds no results.parquet: not a sweep folder (give "
                                 "<output_dir>/<name>, or an MLflow experiment name)")
-    rows = pq.read_table(table).to_pylist()
+    recs = [TrialRecord.from_row(row) for row in pq.read_table(table).to_pylist()]
     d = json.loads((folder / "dense.json").read_text()) if (folder / "dense.json").exists() \
         else {}
-    return rows, Dense(d.get("top1"), d.get("macs"), d.get("device_hours", 0.0),
+    return recs, Dense(d.get("top1"), d.get("macs"), d.get("device_hours", 0.0),
                        d.get("device_kind", "cpu_core"))
 
 
-def from_mlflow(experiment: str, uri: str) -> tuple[list[dict[str, Any]], Dense, str]:
+def from_mlflow(experiment: str, uri: str) -> tuple[list[TrialRecord], Dense, str]:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -246,13 +257,9 @@ def from_mlflow(experiment: str, uri: str) -> tuple[list[dict[str, Any]], Dense,
     for run in client.search_runs(
             [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
             max_results=5000):
-        m, tags = run.data.metrics, run.data.tags
-        if tags.get("status") != "finished":
-            continue
-        rows.append({"trial_id": tags.get("trial_id"), "method": tags.get("method"),
-                     "mlflow_run_id": run.info.run_id, **{k: m.get(k) for k in (
-                         "top1", "top1_before_finetune", "macs", "params", "target_macs",
-                         "dense_macs", "search_device_hours", "finetune_device_hours")}})
+        if run.data.tags.get("status") == "finished":
+            rows.append(TrialRecord.from_mlflow(run.info.run_id, run.data.metrics,
+                                                run.data.tags))
     return rows, dense, parent.info.run_id
 
 

@@ -32,6 +32,7 @@ from orchestrator.phases import (
     run_search,
     trial_result,
 )
+from orchestrator.records import OBJECTIVE_TOP1, TrialRecord
 from orchestrator.results import ResultsCallback, write_results
 from orchestrator.sweep_space import to_optuna
 from orchestrator.tracking import Tracker, TrackingCallback
@@ -58,7 +59,7 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
         callbacks = [TuneReportCallback()]  # every search epoch reaches the scheduler
     search = run_search(cfg, dense, callbacks)
     tuned = run_finetune(cfg, search.subnet)
-    tune.report(trial_result(cfg, search, tuned, time.perf_counter() - t0))
+    tune.report(trial_result(cfg, search, tuned, time.perf_counter() - t0).tune_report())
 
 
 def trials_that_fit(cfg: Config, resources: dict[str, float]) -> int:
@@ -77,13 +78,22 @@ def trials_that_fit(cfg: Config, resources: dict[str, float]) -> int:
     return min(fit, wanted) if wanted else fit
 
 
+def search_metrics(cfg: Config) -> tuple[list[str], list[str]]:
+    """The metrics (and modes) the search algorithm ranks by. With sweep.max_macs the single
+    objective top1 becomes `objective_top1`, which ranks infeasible trials below all others:
+    the stored top-1 stays as measured."""
+    sw = cfg.sweep
+    if sw.max_macs is not None:
+        return [OBJECTIVE_TOP1], ["max"]
+    return [o.metric for o in sw.objectives], [o.mode for o in sw.objectives]
+
+
 def _search_alg(cfg: Config, sweep_dir: Path):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     sw = cfg.sweep
-    metrics = [o.metric for o in sw.objectives]
-    modes = [o.mode for o in sw.objectives]
+    metrics, modes = search_metrics(cfg)
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
     sampler = (optuna.samplers.NSGAIISampler(seed=sw.seed) if len(metrics) > 1
                else optuna.samplers.TPESampler(seed=sw.seed))
@@ -94,7 +104,7 @@ def _search_alg(cfg: Config, sweep_dir: Path):
 
 
 def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -> list[dict]:
-    """Run (or resume) the sweep; returns one row per finished trial."""
+    """Run (or resume) the sweep; returns one row per finished trial (`TrialRecord.row()`)."""
     if cfg.sweep is None:
         raise ValueError("run_sweep needs a config with a `sweep` section")
     sweep_dir = cfg.run_dir
@@ -154,33 +164,28 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
     stopped = sum(1 for r in grid if r.error is None and (r.metrics or {}).get("phase") != "done")
     print(f"[sweep] {len(grid)} trial(s): {len(grid) - stopped - grid.num_errors} finished, "
           f"{stopped} stopped early, {grid.num_errors} failed", flush=True)
-    rows = []
+    records = []
     for r in grid:
         m = r.metrics or {}
         if m.get("phase") != "done":
             continue
-        params = {k: v for k, v in (r.config or {}).items() if k in cfg.sweep.space}
-        rows.append({"trial_id": m.get("trial_id"), **params,
-                     **{k: m[k] for k in ("method", "target_macs", "top1", "top1_test",
-                                          "feasible", "macs", "params",
-                                          "top1_before_finetune", "search_device_hours",
-                                          "finetune_device_hours", "trial_wall_s", "dense_macs",
-                                          "trial_overhead_s", "node_id", "subnet_path",
-                                          "search_note") if k in m}})
+        rec = TrialRecord.from_row(m, hparam_keys=())
+        rec.hparams = {k: v for k, v in (r.config or {}).items() if k in cfg.sweep.space}
+        records.append(rec)
     if tracker is not None:
         tracker.attach(tracker.parent_id)
-        for row in rows:
-            row["mlflow_run_id"] = tracker.children.get(row["trial_id"])
-        for alias, where in tracker.register_best(rows).items():
+        for rec in records:
+            rec.mlflow_run_id = tracker.children.get(rec.trial_id)
+        for alias, where in tracker.register_best(records).items():
             print(f"[mlflow] registry alias {alias}: {where}", flush=True)
-    write_results(sweep_dir / "results.parquet", rows, space_keys)  # restored trials too
-    rep = report.build(rows, dense_info)
-    files = report.write(rep, rows, dense_info, sweep_dir / "report", cfg.name)
+    write_results(sweep_dir / "results.parquet", records, space_keys)  # restored trials too
+    rep = report.build(records, dense_info)
+    files = report.write(rep, records, dense_info, sweep_dir / "report", cfg.name)
     if tracker is not None:
         tracker.finish_sweep(rep.metrics, files)
     print(f"\n{rep.text}\n   report: {sweep_dir / 'report'} (table.txt, comparison.json, "
           "pareto.png)", flush=True)
-    return rows
+    return [rec.row() for rec in records]
 
 
 def format_table(rows: list[dict], keys: list[str]) -> str:

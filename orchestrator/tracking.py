@@ -29,14 +29,11 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.config import Config, ConfigError
-from orchestrator.report import budget_label
+from orchestrator.records import TrialRecord, as_record, rank_key
 
 SUBNET_MODEL_CODE = Path(__file__).with_name("subnet_pyfunc.py")
 SEARCH_SPACE_CODE = Path(__file__).resolve().parents[1] / "search_space"
 _NOT_CURVES = {"epoch", "epochs", "phase", "resumed_from_epoch", "search_finished"}
-FINAL_METRICS = ("top1", "top1_before_finetune", "macs", "params", "target_macs", "dense_macs",
-                 "search_device_hours", "finetune_device_hours", "trial_wall_s",
-                 "trial_overhead_s")
 
 
 def check_store(cfg: Config) -> None:
@@ -202,28 +199,24 @@ class Tracker:
         self._metrics(run_id, {f"search/{k}": v for k, v in result.items()
                                if k in ("val_top1", "train_loss", "expected_macs")}, step)
 
-    def log_trial(self, run_id: str, result: dict[str, Any], pretrain_share: float) -> None:
+    def log_trial(self, run_id: str, rec: TrialRecord, pretrain_share: float) -> None:
         """A finished trial: curves, final metrics, tags, the subnet model; run FINISHED."""
-        trial_dir, stamp = Path(result["trial_dir"]), 0
+        trial_dir, stamp = Path(rec.trial_dir or ""), 0
         for phase in ("search", "finetune"):
             f = trial_dir / phase / "result.json"
-            if not f.exists():
+            if not rec.trial_dir or not f.exists():
                 continue
             stamp = int(f.stat().st_mtime * 1000)  # same file, same stamp: reruns add nothing
             for h in json.loads(f.read_text()).get("history", []):
                 self._metrics(run_id, {f"{phase}/{k}": v for k, v in h.items()
                                        if k not in _NOT_CURVES}, int(h.get("epoch", 0)), stamp)
-        finals = {k: result[k] for k in FINAL_METRICS if k in result}
-        total = pretrain_share + result["search_device_hours"] + result["finetune_device_hours"]
+        finals = rec.mlflow_metrics()
+        total = pretrain_share + rec.search_device_hours + rec.finetune_device_hours
         finals.update(pretrain_share_device_hours=pretrain_share, total_device_hours=total,
-                      macs_fraction=result["macs"] / result["dense_macs"])
+                      macs_fraction=rec.macs / rec.dense_macs)
         self._metrics(run_id, finals, 0, stamp or None)
-        label = budget_label(result["target_macs"], result["dense_macs"])
-        tags = {"budget": label, "method": result["method"], "status": "finished",
-                "device_kind": result.get("device_kind", ""), "node_id": result.get("node_id", "")}
-        if result.get("search_note"):
-            tags["search_note"] = str(result["search_note"])[:5000]
-        subnet = Path(result["subnet_path"])
+        tags = rec.mlflow_tags()
+        subnet = Path(rec.subnet_path)
         self.client.log_artifact(run_id, str(subnet / "arch.json"), "subnet")
         if self.cfg.mlflow.log_models:
             tags["ofb_model_uri"] = self._log_model(run_id, subnet)
@@ -255,20 +248,20 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     # -- registry -----------------------------------------------------------------------
-    def register_best(self, rows: list[dict[str, Any]]) -> dict[str, str]:
-        """Aliases best-<budget> and <method>-<budget> on the best subnets; returns them."""
+    def register_best(self, rows: list[TrialRecord | dict[str, Any]]) -> dict[str, str]:
+        """Aliases best-<budget> and <method>-<budget> on the best feasible subnets (an
+        infeasible trial, above sweep.max_macs, never gets one); returns them."""
         name = self.cfg.mlflow.registered_model or f"{self.cfg.name}-subnet"
-        best: dict[str, dict[str, Any]] = {}
-        for r in rows:
-            if not r.get("mlflow_run_id") or not r.get("feasible", True):
+        best: dict[str, TrialRecord] = {}
+        for r in map(as_record, rows):
+            if not r.mlflow_run_id or not r.feasible or r.top1 is None:
                 continue
-            label = budget_label(r["target_macs"], r["dense_macs"])
-            for alias in (f"best-{label}", f"{r['method']}-{label}"):
-                if alias not in best or r["top1"] > best[alias]["top1"]:
+            for alias in (f"best-{r.budget}", f"{r.method}-{r.budget}"):
+                if alias not in best or rank_key(r) > rank_key(best[alias]):
                     best[alias] = r
         done: dict[str, str] = {}
         for alias, r in sorted(best.items()):
-            run = self.client.get_run(r["mlflow_run_id"])
+            run = self.client.get_run(r.mlflow_run_id)
             uri = run.data.tags.get("ofb_model_uri")
             if not uri:
                 continue
@@ -316,7 +309,7 @@ def log_to_run(client: Any, run_id: str, metrics: dict[str, float], files: list[
         client.log_artifact(run_id, str(f), folder)
 
 
-def track_single(cfg: Config, dense: Any, result: dict[str, Any]) -> str:
+def track_single(cfg: Config, dense: Any, result: TrialRecord) -> str:
     """A run without a sweep (sweep=null): one top-level run holding the trial's record."""
     t = Tracker(cfg)
     run_id = t.child(cfg.name, flatten({"search": cfg.search.model_dump(),
@@ -370,7 +363,8 @@ class TrackingCallback(Callback):
         def log() -> None:
             run_id = self.tracker.child(trial.trial_id, dict(trial.config or {}))
             if result.get("phase") == "done":
-                self.tracker.log_trial(run_id, result, self.pretrain_share)
+                rec = TrialRecord.from_row(result, hparam_keys=())
+                self.tracker.log_trial(run_id, rec, self.pretrain_share)
             else:
                 self.tracker.log_progress(run_id, result)
 

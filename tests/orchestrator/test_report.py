@@ -1,10 +1,16 @@
-"""The report's arithmetic: groups per method and budget, costs, the OFB-vs-two-stage ratio."""
+"""The report's arithmetic (groups per method and budget, costs, the OFB-vs-two-stage ratio)
+and the ranking of trials under sweep.max_macs: top-1 as measured, feasible trials first."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
-from orchestrator.report import Dense, build, plot_pareto
+from orchestrator.config import load_config
+from orchestrator.records import OBJECTIVE_TOP1, TrialRecord, as_record
+from orchestrator.report import TOP1_VS_MACS, Dense, build, pareto_front, plot_pareto
 
 DENSE_MACS = 1_000_000
 
@@ -52,3 +58,108 @@ def test_groups_costs_and_ratios():
 def test_pareto_png(tmp_path):
     png = plot_pareto(ROWS, Dense(0.9, DENSE_MACS, 0.4), tmp_path / "p.png", "t")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+
+
+# -- feasibility (sweep.max_macs): top-1 stays as measured, feasible trials rank first ---------
+def _feasibility_rows():
+    ok = {**_row("ofb", 0.5, 0.88, 0.1, trial="ok"), "feasible": True}
+    over = {**_row("ofb", 0.5, 0.91, 0.1, trial="over"), "feasible": False}
+    return ok, over
+
+
+def test_infeasible_trial_keeps_its_top1_and_ranks_last(tmp_path):
+    ok, over = _feasibility_rows()
+    rep = build([over, ok], Dense(0.9, DENSE_MACS, 0.5))
+    (g,) = rep.groups
+    assert g["top1_best"] == 0.88  # the best feasible trial, not the higher infeasible one
+    assert g["top1_mean"] == pytest.approx((0.88 + 0.91) / 2)  # both as measured
+    assert g["infeasible"] == 1
+    head = rep.text.splitlines()[1].split()
+    assert "infeasible" in head and "above sweep.max_macs" in rep.text
+    assert "infeasible" not in build([ok], Dense(0.9, DENSE_MACS, 0.5)).text
+    one = [SimpleNamespace(metric="top1", mode="max")]
+    assert [r["trial_id"] for r in pareto_front([over, ok], one)] == ["ok"]
+    assert [r["trial_id"] for r in pareto_front([over], one)] == ["over"]  # nothing feasible
+    assert [r.trial_id for r in pareto_front([as_record(over), as_record(ok)], TOP1_VS_MACS)
+            ] == ["ok"]
+    png = plot_pareto([over, ok], Dense(0.9, DENSE_MACS, 0.4), tmp_path / "p.png", "t")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_trial(max_macs, macs, top1=0.8):
+    cfg = SimpleNamespace(sweep=SimpleNamespace(max_macs=max_macs), run_dir=Path("/t"),
+                          search=SimpleNamespace(method="ofb", target_gmacs=None, budget=0.5))
+    cost = SimpleNamespace(device_hours=0.1, device_kind="cpu_core", worker_seconds=30.0)
+    search = SimpleNamespace(subnet=Path("/t/search/subnet"), cost=cost, final={
+        "macs": macs, "params": 10, "dense_macs": 2_000, "test_top1_before_finetune": 0.7})
+    tuned = SimpleNamespace(metrics={"test_top1": top1}, cost=cost)
+    return cfg, search, tuned
+
+
+def test_trial_result_and_the_search_metric():
+    from orchestrator.phases import trial_result
+    from orchestrator.sweep import search_metrics
+
+    rec = trial_result(*_fake_trial(max_macs=1_000, macs=1_200), wall=100.0)
+    assert isinstance(rec, TrialRecord) and rec.top1 == 0.8 and rec.feasible is False
+    assert rec.trial_overhead_s == pytest.approx(40.0) and rec.budget == "50pct"
+    report = rec.tune_report()
+    assert report["phase"] == "done" and report["top1"] == 0.8
+    assert report[OBJECTIVE_TOP1] == pytest.approx(0.8 - 1.0)
+    assert "trial_id" not in report  # Tune adds its own
+    fine = trial_result(*_fake_trial(max_macs=1_000, macs=900), wall=100.0)
+    assert fine.feasible and fine.tune_report()[OBJECTIVE_TOP1] == 0.8
+    assert trial_result(*_fake_trial(max_macs=None, macs=10**9), wall=1.0).feasible
+    cfg = load_config(None, ['sweep.objectives=[{"metric": "top1", "mode": "max"}]',
+                             "sweep.max_macs=1000"])
+    assert search_metrics(cfg) == ([OBJECTIVE_TOP1], ["max"])
+    cfg = load_config(None, ["sweep.num_samples=2"])
+    assert search_metrics(cfg) == (["top1", "macs"], ["max", "min"])
+
+
+class _Registry:
+    """The slice of MlflowClient that register_best uses."""
+
+    def __init__(self):
+        self.aliases: dict[str, str] = {}
+
+    def get_run(self, run_id):
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id),
+                               data=SimpleNamespace(tags={"ofb_model_uri": f"runs:/{run_id}"}))
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.aliases[alias] = version
+
+
+def test_registry_aliases_go_to_feasible_trials_only():
+    from orchestrator.tracking import Tracker
+
+    ok, over = _feasibility_rows()
+    worse = {**_row("ofb", 0.5, 0.80, 0.1, trial="worse"), "feasible": True}
+    t = Tracker.__new__(Tracker)  # no MLflow store: only the ranking is under test
+    t.cfg = SimpleNamespace(name="s", mlflow=SimpleNamespace(registered_model=None))
+    t.client = _Registry()
+    t._version_of = lambda name, run_id, uri: run_id
+    rows = [{**r, "mlflow_run_id": f"run-{r['trial_id']}"} for r in (over, worse, ok)]
+    done = t.register_best(rows)
+    assert t.client.aliases == {"best-50pct": "run-ok", "ofb-50pct": "run-ok"}
+    assert set(done) == {"best-50pct", "ofb-50pct"}
+    t.client = _Registry()
+    t.register_best([rows[0]])
+    assert t.client.aliases == {}  # an infeasible subnet never becomes "best"
+
+
+def test_imports_go_one_way():
+    """report may import tracking; tracking must not import report; both use records."""
+    import ast
+
+    import orchestrator
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((Path(orchestrator.__file__).parent / f"{module}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} \
+            | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert "orchestrator.report" not in imports("tracking")
+    assert "orchestrator.records" in imports("tracking") & imports("report") & imports("results")
+    assert not {m for m in imports("records") if m.startswith(("orchestrator.", "ray", "mlflow"))}
