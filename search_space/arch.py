@@ -4,6 +4,12 @@ A searched subnet is a ViT whose blocks each keep their own number of heads, per
 width and MLP hidden width, on a residual stream that may be narrower than the dense one. Every
 method in this project ends at a `ViTArch`; costs are computed from it and from nothing else, so
 OFB and the baselines are measured by one ruler.
+
+A block's token mixer need not be attention (METHODS.md section 7): UVC keeps per-head value
+widths (`v_dims`) and skips whole blocks (fewer blocks than the dense model), SPViT turns
+attention into a 3x3 / 1x1 conv (`conv_dim`), and a mixer or MLP may be removed outright. This
+module only describes and validates; building, costing and reading modules back is
+search_space/mixers.py's job (mixers imports arch, never the other way round at import time).
 """
 
 from __future__ import annotations
@@ -14,17 +20,64 @@ from typing import Any
 
 from torch import nn
 
+MIXER_KINDS = ("attn", "conv3", "conv1", "none")  # one registry entry each in mixers.py
+CONV_MIXERS = ("conv3", "conv1")
+
 
 @dataclass(frozen=True)
 class BlockArch:
-    """Widths of one transformer block. q, k and v share `num_heads * head_dim` (OFB joint mode)."""
+    """Widths of one transformer block.
+
+    q and k keep `num_heads * head_dim`; v does too unless `v_dims` gives each kept head its own
+    value width (UVC). Conv mixers have no heads but `conv_dim` bottleneck channels; "none" has
+    no token mixer at all; `mlp_hidden` 0 drops the MLP branch. The new fields come after the
+    original three, with defaults, so `BlockArch(h, d, m)` and older arch.json files still load.
+    Widths may be 0-d tensors (OFB's expected widths go through the cost formulas).
+    """
 
     num_heads: int
     head_dim: int
     mlp_hidden: int
+    mixer: str = "attn"
+    v_dims: tuple[int, ...] | None = None
+    conv_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.v_dims is not None:  # JSON lists and user lists become a hashable tuple
+            object.__setattr__(self, "v_dims", tuple(int(v) for v in self.v_dims))
+        where = f"BlockArch(mixer={self.mixer!r})"
+        if self.mixer not in MIXER_KINDS:
+            raise ValueError(f"BlockArch: mixer must be one of {MIXER_KINDS}, got {self.mixer!r}")
+        if self.mlp_hidden < 0:
+            raise ValueError(f"{where}: mlp_hidden must be >= 0 (0 = no MLP branch), "
+                             f"got {self.mlp_hidden}")
+        if self.mixer == "attn":
+            if self.num_heads < 1:
+                raise ValueError(f"{where}: num_heads must be >= 1, got {self.num_heads} "
+                                 "(use mixer='none' to remove the attention branch)")
+            if self.conv_dim != 0:
+                raise ValueError(f"{where}: conv_dim must be 0 for attention, got "
+                                 f"{self.conv_dim} (conv_dim is for mixer='conv3' / 'conv1')")
+            if self.v_dims is not None and (
+                    len(self.v_dims) != self.num_heads
+                    or not all(1 <= v <= self.head_dim for v in self.v_dims)):
+                raise ValueError(f"{where}: v_dims must be None or num_heads={self.num_heads} "
+                                 f"values in [1, head_dim={self.head_dim}], got {self.v_dims}")
+            return
+        if self.v_dims is not None:
+            raise ValueError(f"{where}: v_dims must be None, got {self.v_dims} "
+                             "(value widths exist only for mixer='attn')")
+        if self.num_heads != 0 or self.head_dim != 0:
+            raise ValueError(f"{where}: num_heads and head_dim must be 0, got "
+                             f"num_heads={self.num_heads}, head_dim={self.head_dim}")
+        if self.mixer in CONV_MIXERS and self.conv_dim < 1:
+            raise ValueError(f"{where}: conv_dim must be >= 1, got {self.conv_dim}")
+        if self.mixer == "none" and self.conv_dim != 0:
+            raise ValueError(f"{where}: conv_dim must be 0, got {self.conv_dim}")
 
     @property
     def attn_dim(self) -> int:
+        """q / k width (and v width without `v_dims`); 0 for conv and "none" blocks."""
         return self.num_heads * self.head_dim
 
 
@@ -56,6 +109,16 @@ class ViTArch:
     tokens: tuple[tuple[int, ...], ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if len(self.blocks) < 1:
+            raise ValueError("ViTArch: blocks must hold at least one block, got none")
+        if self.tokens is not None:
+            conv = [i for i, b in enumerate(self.blocks) if b.mixer in CONV_MIXERS]
+            if conv:
+                raise ValueError(f"ViTArch: token pruning (tokens not None) is not allowed with "
+                                 f"conv mixers (blocks {conv}): a conv needs the whole patch "
+                                 "grid; set tokens=None or use attention there")
+
     @property
     def depth(self) -> int:
         return len(self.blocks)
@@ -85,14 +148,22 @@ class ViTArch:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTArch:
         d = dict(d)
-        d["blocks"] = tuple(BlockArch(**b) for b in d["blocks"])
+        d["blocks"] = tuple(
+            BlockArch(**{**b, "v_dims": None if b.get("v_dims") is None else tuple(b["v_dims"])})
+            for b in d["blocks"])
         if d.get("tokens") is not None:
             d["tokens"] = tuple(tuple(int(u) for u in t) for t in d["tokens"])
         return cls(**d)
 
     @classmethod
     def from_timm(cls, model: nn.Module) -> ViTArch:
-        """Read the architecture of a timm `VisionTransformer` (dense or already narrowed)."""
+        """Read the architecture of a timm `VisionTransformer` (dense or already narrowed).
+
+        Each block is read back by the mixer registry, so subnets with conv / value-pruned /
+        removed mixers round-trip: `from_timm(build_from_arch(a)) == a`.
+        """
+        from search_space.mixers import read_block  # mixers imports arch: import here only
+
         pe = model.patch_embed
         img = pe.img_size[0] if isinstance(pe.img_size, (tuple, list)) else pe.img_size
         patch = pe.patch_size[0] if isinstance(pe.patch_size, (tuple, list)) else pe.patch_size
@@ -101,12 +172,8 @@ class ViTArch:
                 f"only square images and patches are supported, got img_size={pe.img_size}, "
                 f"patch_size={pe.patch_size}"
             )
-        blocks = []
-        for blk in model.blocks:
-            attn = blk.attn
-            qkv_out = attn.qkv.out_features
-            heads = attn.num_heads
-            blocks.append(BlockArch(heads, qkv_out // 3 // heads, blk.mlp.fc1.out_features))
+        blocks = tuple(read_block(blk) for blk in model.blocks)
+        qkv = [blk.attn.qkv for blk in model.blocks if hasattr(blk.attn, "qkv")]
         first = model.blocks[0]
         return cls(
             img_size=int(img),
@@ -114,12 +181,12 @@ class ViTArch:
             in_chans=pe.proj.in_channels,
             num_classes=model.num_classes,
             embed_dim=pe.proj.out_channels,
-            blocks=tuple(blocks),
+            blocks=blocks,
             class_token=model.cls_token is not None,
             reg_tokens=getattr(model, "num_reg_tokens", 0),
             no_embed_class=getattr(model, "no_embed_class", False),
             global_pool=model.global_pool or "token",
-            qkv_bias=first.attn.qkv.bias is not None,
+            qkv_bias=qkv[0].bias is not None if qkv else True,  # no attention: moot
             layer_scale=not isinstance(first.ls1, nn.Identity),
             fc_norm=not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity),
             pre_norm=not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity),

@@ -3,6 +3,8 @@
 MACs are multiply-accumulates (what ViT papers call "FLOPs"); we count exactly what
 `torch.utils.flop_counter.FlopCounterMode` counts (matmuls and convolutions, /2), so the two agree
 on real modules. Norms, softmax, GELU and residual adds are not counted, as in the literature.
+Each block's mixer (attention, value-pruned attention, conv, none) is costed by its entry in the
+mixer registry (search_space/mixers.py); this module adds stem, head, MLPs and token pruning.
 
 The per-block formulas are plain arithmetic, so they also accept tensors: OFB's MACs loss feeds
 them *expected* widths (differentiable sums of survival probabilities) through the same code.
@@ -24,29 +26,21 @@ import torch
 from torch import nn
 
 from search_space.arch import BlockArch, ViTArch
+from search_space.mixers import attn_macs as attn_macs  # re-exported: the OFB supernet's API
+from search_space.mixers import get_mixer, mlp_params
+from search_space.mixers import mlp_macs as mlp_macs
 
 Number = Any  # float, int or a 0-d tensor (expected widths)
 
 
-def attn_macs(tokens: int, embed_dim: Number, heads: Number, head_dim: Number) -> Number:
-    """qkv projection + q @ k^T + attn @ v + output projection, for one image."""
-    inner = heads * head_dim
-    qkv = tokens * embed_dim * 3 * inner  # (T, D) @ (D, 3*H*d)
-    scores = tokens * tokens * inner  # H x (T, d) @ (d, T)
-    mix = tokens * tokens * inner  # H x (T, T) @ (T, d)
-    proj = tokens * inner * embed_dim  # (T, H*d) @ (H*d, D)
-    return qkv + scores + mix + proj
+def block_macs(tokens: int, embed_dim: Number, blk: BlockArch,
+               patches: int | None = None) -> Number:
+    """Mixer (by `blk.mixer`, from the registry) + MLP, for one image.
 
-
-def mlp_macs(tokens: int, embed_dim: Number, hidden: Number) -> Number:
-    """fc1 + fc2, for one image."""
-    return 2 * tokens * embed_dim * hidden
-
-
-def block_macs(tokens: int, embed_dim: Number, blk: BlockArch) -> Number:
-    return attn_macs(tokens, embed_dim, blk.num_heads, blk.head_dim) + mlp_macs(
-        tokens, embed_dim, blk.mlp_hidden
-    )
+    `patches` (N, the grid's positions) is needed by conv mixers only: they see the whole grid.
+    """
+    mixer = get_mixer(blk.mixer).macs(tokens, patches, embed_dim, blk)
+    return mixer + mlp_macs(tokens, embed_dim, blk.mlp_hidden)
 
 
 def stem_head_macs(arch: ViTArch, embed_dim: Number | None = None) -> Number:
@@ -60,8 +54,8 @@ def stem_head_macs(arch: ViTArch, embed_dim: Number | None = None) -> Number:
 def count_macs(arch: ViTArch) -> int:
     """MACs of one forward pass of one image."""
     total = stem_head_macs(arch)
-    for i, blk in enumerate(arch.blocks):
-        total += block_macs(arch.block_tokens(i), arch.embed_dim, blk)
+    for i, blk in enumerate(arch.blocks):  # token pruning: attention / none blocks only
+        total += block_macs(arch.block_tokens(i), arch.embed_dim, blk, arch.num_patches)
     return int(total)
 
 
@@ -75,13 +69,11 @@ def count_params(arch: ViTArch) -> int:
     if arch.pre_norm:
         n += 2 * d
     for blk in arch.blocks:
-        inner = blk.attn_dim
-        n += 2 * d  # norm1
-        n += d * 3 * inner + (3 * inner if arch.qkv_bias else 0)
-        n += inner * d + d  # proj
-        n += 2 * d  # norm2
-        n += d * blk.mlp_hidden + blk.mlp_hidden + blk.mlp_hidden * d + d
-        if arch.layer_scale:
+        kind = get_mixer(blk.mixer)
+        n += 2 * d if kind.pre_norm else 0  # norm1
+        n += kind.params(d, blk, arch.qkv_bias)
+        n += mlp_params(d, blk.mlp_hidden)  # with norm2
+        if arch.layer_scale:  # ls1 and ls2, kept even on a removed branch
             n += 2 * d
     n += 2 * d  # final norm (or fc_norm: timm keeps exactly one of them)
     if arch.num_classes > 0:

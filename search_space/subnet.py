@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from timm.layers import Mlp
-from timm.models.vision_transformer import Attention, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from search_space.arch import ViTArch
+from search_space.mixers import build_block_, drop_unused_norms_
 from search_space.slicing import scale_rows_
 from search_space.tokens import install_token_pruning
 
@@ -28,7 +28,10 @@ ARCH_FILE, WEIGHTS_FILE, ONNX_FILE = "arch.json", "model.safetensors", "model.on
 
 
 def build_from_arch(arch: ViTArch, device: str | torch.device | None = None) -> VisionTransformer:
-    """An untrained timm ViT with the per-block widths of `arch`."""
+    """An untrained timm ViT with the blocks of `arch`: each its registered mixer and MLP.
+
+    depth = len(arch.blocks) (a block-skipping method's subnet is simply shallower).
+    """
     with torch.device(device or "cpu"):
         model = VisionTransformer(
             img_size=arch.img_size, patch_size=arch.patch_size, in_chans=arch.in_chans,
@@ -38,11 +41,12 @@ def build_from_arch(arch: ViTArch, device: str | torch.device | None = None) -> 
             global_pool=arch.global_pool, fc_norm=arch.fc_norm or None,
             pre_norm=arch.pre_norm, init_values=1e-5 if arch.layer_scale else None,
             weight_init="skip")
+        grid = arch.img_size // arch.patch_size
         for blk, b in zip(model.blocks, arch.blocks, strict=True):
-            blk.attn = Attention(arch.embed_dim, b.num_heads, attn_head_dim=b.head_dim,
-                                 qkv_bias=arch.qkv_bias)
-            blk.mlp = Mlp(arch.embed_dim, b.mlp_hidden)
-        install_token_pruning(model, arch)
+            build_block_(blk, arch.embed_dim, b, arch.qkv_bias, arch.num_prefix_tokens, grid)
+        install_token_pruning(model, arch)  # reads each block's device off norm1: first
+        for blk, b in zip(model.blocks, arch.blocks, strict=True):
+            drop_unused_norms_(blk, b)
     return model
 
 
@@ -100,12 +104,22 @@ def export_subnet(model: nn.Module, arch: ViTArch, folder: str | Path,
 
 
 def load_subnet(folder: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
-    """Rebuild an exported subnet from its folder (no project state needed)."""
+    """Rebuild an exported subnet from its folder (no project state needed).
+
+    arch.json is `{"arch": {...ViTArch...}, ...extra}`; a bare ViTArch dict (older dense-cache
+    files) is accepted too.
+    """
     folder = Path(folder)
     for f in (ARCH_FILE, WEIGHTS_FILE):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"{folder} is not a subnet folder: {f} is missing")
-    arch = ViTArch.from_dict(json.loads((folder / ARCH_FILE).read_text())["arch"])
+    blob = json.loads((folder / ARCH_FILE).read_text())
+    if isinstance(blob.get("arch"), dict):
+        blob = blob["arch"]
+    elif "blocks" not in blob:
+        raise ValueError(f"{folder / ARCH_FILE}: expected {{'arch': {{...}}}} or a ViTArch dict "
+                         f"with 'blocks', got keys {sorted(blob)}")
+    arch = ViTArch.from_dict(blob)
     model = build_from_arch(arch, device=device)
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(device)))
     return model.eval()
