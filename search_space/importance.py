@@ -1,7 +1,7 @@
 """Fixed importance criteria of the classic two-stage pruner, per unit of a plain timm ViT.
 
 A unit's score sums its group: every weight that disappears with it (Torch-Pruning's
-dependency groups, written out for a ViT):
+dependency groups, written out once for a ViT in search_space/groups.py):
 - MLP hidden unit j: fc1 row j (+ bias j) and fc2 column j;
 - attention unit (head h, dim i): the q, k and v rows h*d+i (+ biases) and proj column h*d+i;
 - embedding channel c: patch-embed row c, cls/pos entries, every LayerNorm's c, column c of
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from search_space import groups
 from search_space.arch import ViTArch
 
 CRITERIA = ("taylor", "magnitude")
@@ -60,48 +61,17 @@ def elementwise(vit: VisionTransformer, criterion: str) -> dict[str, torch.Tenso
 
 @torch.no_grad()
 def group_scores(vit: VisionTransformer, per_weight: dict[str, torch.Tensor]) -> UnitScores:
-    """Sum per-weight contributions over each unit's group."""
+    """Sum per-weight contributions over each unit's group (search_space/groups.py)."""
     arch = ViTArch.from_timm(vit)
-    w = per_weight
-    D = arch.embed_dim
-
-    def rows(name: str) -> torch.Tensor:  # (out,) summed over inputs
-        t = w[name]
-        return t.reshape(t.shape[0], -1).sum(1)
-
-    def cols(name: str) -> torch.Tensor:  # (in,) summed over outputs
-        return w[name].sum(0)
-
-    embed = torch.zeros(D, device=w["cls_token"].device)
-    embed += rows("patch_embed.proj.weight")
-    for k in ("patch_embed.proj.bias", "norm.weight", "norm.bias", "fc_norm.weight",
-              "fc_norm.bias"):
-        if k in w:
-            embed += w[k]
-    for k in ("cls_token", "pos_embed", "reg_token"):
-        if k in w:
-            embed += w[k].reshape(-1, D).sum(0)
-    if "head.weight" in w:
-        embed += cols("head.weight")
+    embed = groups.unit_sums(per_weight, groups.embed_members(per_weight), arch.embed_dim)
     attn, mlp = [], []
     for i, b in enumerate(arch.blocks):
         p = f"blocks.{i}."
-        inner = b.num_heads * b.head_dim
-        for k in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
-                  "attn.proj.bias", "mlp.fc2.bias", "ls1.gamma", "ls2.gamma"):
-            if p + k in w:
-                embed += w[p + k]
-        embed += cols(p + "attn.qkv.weight") + rows(p + "attn.proj.weight")
-        embed += cols(p + "mlp.fc1.weight") + rows(p + "mlp.fc2.weight")
-        qkv = rows(p + "attn.qkv.weight").reshape(3, inner)
-        if p + "attn.qkv.bias" in w:
-            qkv = qkv + w[p + "attn.qkv.bias"].reshape(3, inner)
-        a = qkv.sum(0) + cols(p + "attn.proj.weight")  # (H*d,)
+        a = groups.unit_sums(per_weight, groups.attn_members(
+            p + "attn.", b.attn_dim, p + "attn.qkv.bias" in per_weight), b.attn_dim)  # (H*d,)
         attn.append(a.reshape(b.num_heads, b.head_dim))
-        m = rows(p + "mlp.fc1.weight") + cols(p + "mlp.fc2.weight")
-        if p + "mlp.fc1.bias" in w:
-            m = m + w[p + "mlp.fc1.bias"]
-        mlp.append(m)
+        mlp.append(groups.unit_sums(per_weight, groups.mlp_members(
+            p + "mlp.", p + "mlp.fc1.bias" in per_weight), b.mlp_hidden))
     return UnitScores(embed, attn, mlp)
 
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 
-from search_space import bimask
+from search_space import bimask, groups
 from search_space.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
-from search_space.slicing import along, slice_linear_, slice_param_
+from search_space.slicing import along, slice_param_
 
 
 def head_candidates(H: int) -> list[int]:
@@ -84,10 +84,8 @@ class SearchableAttention(SearchableMixin, Attention):
         heads = topk_units(torch.sigmoid(self.S).sum(-1), wh)  # (wh,)
         chans = torch.stack([topk_units(self.S[h], wd) for h in heads.tolist()])  # (wh, wd)
         flat = (heads[:, None] * d + chans).reshape(-1)  # indices into H*d
-        inner = H * d
-        qkv_idx = torch.cat([flat + i * inner for i in range(3)])
-        slice_linear_(self.qkv, qkv_idx, 0, optimizer)
-        slice_linear_(self.proj, flat, 1, optimizer)
+        groups.slice_(self, groups.attn_members("", H * d, self.qkv.bias is not None), flat,
+                      optimizer)
         slice_param_(self, "S", lambda t: t.reshape(-1).index_select(0, flat.to(t.device))
                      .reshape(wh, wd).contiguous(), optimizer)
         self.frozen = torch.ones(wh, wd, device=self.S.device)
@@ -98,9 +96,8 @@ class SearchableAttention(SearchableMixin, Attention):
         if (wh, wd) == (self.num_heads, self.head_dim):
             return
         keep = (torch.arange(wh)[:, None] * self.head_dim + torch.arange(wd)).reshape(-1)
-        inner = self.attn_dim
-        slice_linear_(self.qkv, torch.cat([keep + i * inner for i in range(3)]), 0)
-        slice_linear_(self.proj, keep, 1)
+        groups.slice_(self, groups.attn_members("", self.attn_dim, self.qkv.bias is not None),
+                      keep)
         slice_param_(self, "S", lambda t: t.reshape(-1)[keep].reshape(wh, wd).contiguous())
         self.frozen = torch.ones(wh, wd, device=self.S.device)
         self.num_heads, self.head_dim, self.attn_dim = wh, wd, wh * wd
@@ -157,8 +154,7 @@ class SearchableMlp(VectorUnits, Mlp):
         if w == self.fc1.out_features:
             return
         keep = topk_units(self.S, w)
-        slice_linear_(self.fc1, keep, 0, optimizer)
-        slice_linear_(self.fc2, keep, 1, optimizer)
+        groups.slice_(self, groups.mlp_members("", self.fc1.bias is not None), keep, optimizer)
         slice_param_(self, "S", along(0, keep), optimizer)
         self.frozen = torch.ones(w, device=self.S.device)
 
@@ -166,8 +162,7 @@ class SearchableMlp(VectorUnits, Mlp):
         (w,) = widths
         if w != self.fc1.out_features:
             keep = torch.arange(w)
-            slice_linear_(self.fc1, keep, 0)
-            slice_linear_(self.fc2, keep, 1)
+            groups.slice_(self, groups.mlp_members("", self.fc1.bias is not None), keep)
             slice_param_(self, "S", along(0, keep))
             self.frozen = torch.ones(w, device=self.S.device)
 

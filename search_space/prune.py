@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from search_space import groups
 from search_space.arch import BlockArch, ViTArch
 from search_space.cost import count_macs
 from search_space.subnet import build_from_arch
@@ -71,52 +72,23 @@ def apply_plan(vit: VisionTransformer, plan: PrunePlan) -> tuple[VisionTransform
     dense = ViTArch.from_timm(vit)
     arch = plan.arch(dense)
     sd = {k: v.detach().clone() for k, v in vit.state_dict().items()}
-    e = plan.embed.to(sd["cls_token"].device)
-    out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        if k.startswith("blocks."):
-            continue
-        if k in ("cls_token", "pos_embed", "reg_token"):
-            out[k] = v[..., e]
-        elif k.startswith("patch_embed.proj.") or k in ("norm.weight", "norm.bias",
-                                                          "fc_norm.weight", "fc_norm.bias"):
-            out[k] = v[e]
-        elif k == "head.weight":
-            out[k] = v[:, e]
-        else:
-            out[k] = v
+    out = groups.take(sd, groups.embed_members(sd), plan.embed)
     for i, (blk_d, heads, dims, mlp) in enumerate(zip(dense.blocks, plan.heads, plan.dims,
                                                       plan.mlp, strict=True)):
         p = f"blocks.{i}."
-        inner = blk_d.num_heads * blk_d.head_dim
-        rows = attn_rows(heads, dims, blk_d.head_dim)
-        qkv_rows = torch.cat([rows, rows + inner, rows + 2 * inner])
-        q_fix = (dims.shape[1] / blk_d.head_dim) ** 0.5  # 1/sqrt(d) kept with head_dim d'
-        scale = torch.cat([torch.full_like(rows, 1, dtype=torch.float32) * q_fix,
-                           torch.ones(2 * len(rows))])
-        for name in ("norm1", "norm2"):
-            for t in ("weight", "bias"):
-                if p + f"{name}.{t}" in sd:
-                    out[p + f"{name}.{t}"] = sd[p + f"{name}.{t}"][e]
-        out[p + "attn.qkv.weight"] = sd[p + "attn.qkv.weight"][qkv_rows][:, e] * scale[:, None]
-        if p + "attn.qkv.bias" in sd:
-            out[p + "attn.qkv.bias"] = sd[p + "attn.qkv.bias"][qkv_rows] * scale
-        out[p + "attn.proj.weight"] = sd[p + "attn.proj.weight"][e][:, rows]
-        out[p + "mlp.fc1.weight"] = sd[p + "mlp.fc1.weight"][mlp][:, e]
-        out[p + "mlp.fc2.weight"] = sd[p + "mlp.fc2.weight"][e][:, mlp]
-        for name in ("attn.proj.bias", "mlp.fc2.bias"):
-            if p + name in sd:
-                out[p + name] = sd[p + name][e]
-        if p + "mlp.fc1.bias" in sd:
-            out[p + "mlp.fc1.bias"] = sd[p + "mlp.fc1.bias"][mlp]
-        for k in sd:  # anything else in the block (e.g. layer scale) follows the stream
-            if k.startswith(p) and k not in out and k.endswith(("gamma", "ls1.gamma")):
-                out[k] = sd[k][e]
+        rows = attn_rows(heads, dims, blk_d.head_dim)  # (h' * d',) into H*d
+        # the dense softmax scale 1/sqrt(d) kept with head_dim d': fold the ratio into q
+        q_fix = (dims.shape[1] / blk_d.head_dim) ** 0.5
+        members = groups.attn_members(p + "attn.", blk_d.attn_dim, p + "attn.qkv.bias" in out)
+        out = groups.take(out, members, rows)
+        groups.scale_(out, [m for m in members if m.role == "q"],
+                      torch.full((len(rows),), q_fix))
+        out = groups.take(out, groups.mlp_members(p + "mlp.", p + "mlp.fc1.bias" in out), mlp)
     if plan.tokens is not None:
         for i, kept in enumerate(plan.tokens):
             scale = (torch.ones(len(kept)) if plan.token_scale is None
                      else plan.token_scale[i].detach()[kept])
-            out[f"blocks.{i}.token_scale"] = scale.to(e.device, torch.float32)
+            out[f"blocks.{i}.token_scale"] = scale.to(plan.embed.device, torch.float32)
     model = build_from_arch(arch, device=sd["cls_token"].device)
     model.load_state_dict(out, strict=True)
     return model.eval(), arch

@@ -37,29 +37,3 @@ def slice_param_(module: nn.Module, name: str, fn: Transform,
                 k: fn(v) if torch.is_tensor(v) and v.shape == old.shape else v
                 for k, v in st.items()}
     return new
-
-
-def slice_linear_(lin: nn.Linear, idx: torch.Tensor, dim: int,
-                  optimizer: torch.optim.Optimizer | None = None) -> None:
-    """dim=0: keep output features `idx` (rows, and bias); dim=1: keep input features."""
-    slice_param_(lin, "weight", along(dim, idx), optimizer)
-    if dim == 0:
-        if lin.bias is not None:
-            slice_param_(lin, "bias", along(0, idx), optimizer)
-        lin.out_features = len(idx)
-    else:
-        lin.in_features = len(idx)
-
-
-def slice_layernorm_(ln: nn.LayerNorm, idx: torch.Tensor,
-                     optimizer: torch.optim.Optimizer | None = None) -> None:
-    for name in ("weight", "bias"):
-        if getattr(ln, name, None) is not None:
-            slice_param_(ln, name, along(0, idx), optimizer)
-    ln.normalized_shape = (len(idx),)
-
-
-def scale_rows_(t: torch.Tensor, scale: torch.Tensor) -> None:
-    """Multiply the leading dimension of a weight/bias by `scale` (folding a channel mask)."""
-    shape = (-1,) + (1,) * (t.ndim - 1)
-    t.data.mul_(scale.to(t.dtype).reshape(shape))

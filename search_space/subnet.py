@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from search_space import groups
 from search_space.arch import ViTArch
 from search_space.mixers import build_block_, drop_unused_norms_
-from search_space.slicing import scale_rows_
 from search_space.tokens import install_token_pruning
 
 ARCH_FILE, WEIGHTS_FILE, ONNX_FILE = "arch.json", "model.safetensors", "model.onnx"
@@ -59,26 +59,19 @@ def extract_subnet(supernet: nn.Module) -> tuple[VisionTransformer, ViTArch]:
     src = supernet.vit
     sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
     m_e = src.patch_embed.frozen  # (D,)
-    # Stream entry: (patch + pos) * m_e and cls * m_e.
-    scale_rows_(sd["patch_embed.proj.weight"], m_e)
-    if "patch_embed.proj.bias" in sd:
-        sd["patch_embed.proj.bias"].mul_(m_e)
-    sd["pos_embed"].mul_(m_e)
-    sd["cls_token"].mul_(m_e)
+    # the embedding mask where channels enter the stream and on every branch output
+    groups.scale_(sd, [m for m in groups.embed_members(sd) if m.role in ("entry", "write")],
+                  m_e)
     for i, blk in enumerate(src.blocks):
         p = f"blocks.{i}."
         a = blk.attn
         m = a.frozen.reshape(-1)  # (H*d,) mask on q, k and v
         q_fix = a.scale * a.head_dim**0.5  # searched softmax scale / the subnet's 1/sqrt(d)
-        row = torch.cat([m * q_fix, m, m])
-        scale_rows_(sd[p + "attn.qkv.weight"], row)
-        if p + "attn.qkv.bias" in sd:
-            sd[p + "attn.qkv.bias"].mul_(row)
-        for name in ("attn.proj", "mlp.fc2"):  # branch outputs * m_e
-            scale_rows_(sd[p + name + ".weight"], m_e)
-            if p + name + ".bias" in sd:
-                sd[p + name + ".bias"].mul_(m_e)
-        sd[p + "mlp.fc2.weight"].mul_(blk.mlp.frozen[None, :])  # MLP mask on fc2's input
+        qkv = [u for u in groups.attn_members(p + "attn.", a.attn_dim, p + "attn.qkv.bias" in sd)
+               if u.role in ("q", "k", "v")]
+        groups.scale_(sd, qkv, {"q": m * q_fix, "k": m, "v": m})
+        fc2_in = [u for u in groups.mlp_members(p + "mlp.") if u.key.endswith("fc2.weight")]
+        groups.scale_(sd, fc2_in, blk.mlp.frozen)  # the MLP mask on fc2's input
     sd = {k: v for k, v in sd.items() if not _search_key(k)}
     out = build_from_arch(arch, device=next(supernet.parameters()).device)
     out.load_state_dict(sd, strict=True)

@@ -22,11 +22,12 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from search_space import groups
 from search_space.arch import BlockArch, ViTArch
 from search_space.cost import attn_macs, mlp_macs, stem_head_macs
 from search_space.modules import SearchableAttention, SearchableMlp
 from search_space.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
-from search_space.slicing import along, slice_layernorm_, slice_linear_, slice_param_
+from search_space.slicing import along, slice_param_
 
 
 class SearchablePatchEmbed(VectorUnits, PatchEmbed):
@@ -192,33 +193,13 @@ class SearchableViT(nn.Module):
 
     # --- slicing the residual stream -------------------------------------------------------
     def _slice_embed(self, keep: torch.Tensor, optimizer) -> None:
+        """Keep embedding channels `keep`: their group all over the model (groups.py)."""
         v, pe = self.vit, self.vit.patch_embed
         keep = keep.to(pe.S.device)
-        slice_param_(pe.proj, "weight", along(0, keep), optimizer)
-        if pe.proj.bias is not None:
-            slice_param_(pe.proj, "bias", along(0, keep), optimizer)
-        pe.proj.out_channels = len(keep)
+        names = [n for n, _ in self.named_parameters()]
+        groups.slice_(self, groups.embed_members(names), keep, optimizer)
         slice_param_(pe, "S", along(0, keep), optimizer)
         pe.frozen = torch.ones(len(keep), device=keep.device)
-        slice_param_(v, "cls_token", along(2, keep), optimizer)
-        slice_param_(v, "pos_embed", along(2, keep), optimizer)
-        slice_param_(self, "mask_token", along(2, keep), optimizer)
-        for blk in v.blocks:
-            slice_layernorm_(blk.norm1, keep, optimizer)
-            slice_layernorm_(blk.norm2, keep, optimizer)
-            slice_linear_(blk.attn.qkv, keep, 1, optimizer)
-            slice_linear_(blk.attn.proj, keep, 0, optimizer)
-            slice_linear_(blk.mlp.fc1, keep, 1, optimizer)
-            slice_linear_(blk.mlp.fc2, keep, 0, optimizer)
-            for ls in (blk.ls1, blk.ls2):
-                if hasattr(ls, "gamma"):
-                    slice_param_(ls, "gamma", along(0, keep), optimizer)
-        for norm in (v.norm, v.fc_norm):
-            if isinstance(norm, nn.LayerNorm):
-                slice_layernorm_(norm, keep, optimizer)
-        if isinstance(v.head, nn.Linear):
-            slice_linear_(v.head, keep, 1, optimizer)
-        slice_linear_(self.decoder, keep, 1, optimizer)
         v.embed_dim = v.num_features = len(keep)
 
 

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.ray
 def test_search_survives_a_killed_worker_and_meets_the_budget(ray_cluster, tmp_path, fmnist_dir):
     cfg = load_config(None, tiny_overrides(tmp_path, **{
         "name": "e2e", "data.max_train_samples": 1280, "model.embed_dim": 48,
-        "model.num_heads": 4, "search.epochs": 12, "search.lr_warmup_epochs": 0.5, "search.ofb.ramp_epochs": 0.5,
+        "model.num_heads": 4, "search.epochs": 12, "search.lr_warmup_epochs": 0.5,
+        "search.ofb.ramp_epochs": 0.5,
         "search.ofb.alpha_lr": 0.05, "search.ofb.eliminations_per_epoch": 4, "search.budget": 0.5,
         "finetune.epochs": 1, "scaling.max_failures": 2}))
     dense = run_pretrain(cfg)

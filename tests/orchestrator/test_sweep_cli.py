@@ -22,7 +22,8 @@ SPACE = {"search.budget": {"type": "choice", "values": [0.4, 0.5, 0.6]}}
 def _args(tmp_path, samples: int, **extra) -> list[str]:
     over = tiny_overrides(tmp_path, **{
         "name": "cli", "data.max_train_samples": 640, "search.epochs": 6,
-        "search.lr_warmup_epochs": 0.5, "search.ofb.ramp_epochs": 0.5, "search.ofb.alpha_lr": 0.05,
+        "search.lr_warmup_epochs": 0.5, "search.ofb.ramp_epochs": 0.5,
+        "search.ofb.alpha_lr": 0.05,
         "search.ofb.eliminations_per_epoch": 4, "finetune.epochs": 0.5, **extra})
     return over + [f"sweep.num_samples={samples}", f"sweep.space={json.dumps(SPACE)}",
                    "sweep.points_to_evaluate=[]"]

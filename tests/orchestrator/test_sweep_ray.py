@@ -27,10 +27,12 @@ SPACE = {
 def _cfg(tmp_path, sweep: dict | None = None, **extra):
     over = tiny_overrides(tmp_path, **{
         "name": "sw", "data.max_train_samples": 640, "search.epochs": 6,
-        "search.lr_warmup_epochs": 0.5, "search.ofb.ramp_epochs": 0.5, "search.ofb.alpha_lr": 0.05,
+        "search.lr_warmup_epochs": 0.5, "search.ofb.ramp_epochs": 0.5,
+        "search.ofb.alpha_lr": 0.05,
         "search.ofb.eliminations_per_epoch": 4, "finetune.epochs": 0.5, **extra})
     over += ["sweep.num_samples=3", f"sweep.space={json.dumps(SPACE)}",
-             'sweep.points_to_evaluate=[{"search.ofb.temperature": 1.0, "search.ofb.mask_ratio": 0.25, '
+             'sweep.points_to_evaluate=[{"search.ofb.temperature": 1.0, '
+             '"search.ofb.mask_ratio": 0.25, '
              '"search.budget": 0.6}]']
     over += [f"sweep.{k}={v}" for k, v in (sweep or {}).items()]
     return load_config(None, over)
@@ -118,9 +120,10 @@ def test_one_sweep_compares_methods_at_one_budget(ray_cluster, tmp_path, fmnist_
              "search.budget": {"type": "choice", "values": [0.5]}}
     over = tiny_overrides(tmp_path, **{
         "name": "cmp", "data.max_train_samples": 1280, "model.embed_dim": 48,
-        "model.num_heads": 4, "search.epochs": 12, "search.lr_warmup_epochs": 0.5, "search.ofb.ramp_epochs": 0.5,
-        "search.ofb.alpha_lr": 0.05,
-        "search.ofb.eliminations_per_epoch": 4, "search.two_stage.score_batches": 4, "finetune.epochs": 0.5,
+        "model.num_heads": 4, "search.epochs": 12, "search.lr_warmup_epochs": 0.5,
+        "search.ofb.ramp_epochs": 0.5, "search.ofb.alpha_lr": 0.05,
+        "search.ofb.eliminations_per_epoch": 4, "search.two_stage.score_batches": 4,
+        "finetune.epochs": 0.5,
         "search.vit_slim.tokens": True, "mlflow.log_models": False})  # ViT-Slim prunes tokens too
     over += [f"sweep.num_samples={len(methods)}", f"sweep.space={json.dumps(space)}",
              "sweep.points_to_evaluate=" + json.dumps(
