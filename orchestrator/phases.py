@@ -54,10 +54,10 @@ class PretrainResult:
 
     @property
     def macs(self) -> int:
-        from search_space.arch import ViTArch
         from search_space.cost import cost_of
+        from search_space.subnet import read_arch
 
-        return cost_of(ViTArch.from_dict(json.loads((self.path / "arch.json").read_text()))).macs
+        return cost_of(read_arch(self.path)).macs
 
 
 def devices_of(cfg: Config) -> tuple[str, float]:

@@ -96,6 +96,19 @@ def export_subnet(model: nn.Module, arch: ViTArch, folder: str | Path,
     return folder
 
 
+def read_arch(folder: str | Path) -> ViTArch:
+    """The architecture in a folder's arch.json: `{"arch": {...ViTArch...}, ...extra}` (every
+    subnet, checkpoint and dense cache writes this), or a bare ViTArch dict (older caches)."""
+    path = Path(folder) / ARCH_FILE
+    blob = json.loads(path.read_text())
+    if isinstance(blob.get("arch"), dict):
+        blob = blob["arch"]
+    elif "blocks" not in blob:
+        raise ValueError(f"{path}: expected {{'arch': {{...}}}} or a ViTArch dict with "
+                         f"'blocks', got keys {sorted(blob)}")
+    return ViTArch.from_dict(blob)
+
+
 def load_subnet(folder: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
     """Rebuild an exported subnet from its folder (no project state needed).
 
@@ -106,14 +119,7 @@ def load_subnet(folder: str | Path, device: str | torch.device = "cpu") -> Visio
     for f in (ARCH_FILE, WEIGHTS_FILE):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"{folder} is not a subnet folder: {f} is missing")
-    blob = json.loads((folder / ARCH_FILE).read_text())
-    if isinstance(blob.get("arch"), dict):
-        blob = blob["arch"]
-    elif "blocks" not in blob:
-        raise ValueError(f"{folder / ARCH_FILE}: expected {{'arch': {{...}}}} or a ViTArch dict "
-                         f"with 'blocks', got keys {sorted(blob)}")
-    arch = ViTArch.from_dict(blob)
-    model = build_from_arch(arch, device=device)
+    model = build_from_arch(read_arch(folder), device=device)
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(device)))
     return model.eval()
 

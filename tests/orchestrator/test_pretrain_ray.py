@@ -9,6 +9,8 @@ import time
 import pytest
 
 from orchestrator.config import load_config
+from search_space.arch import ViTArch
+from search_space.subnet import load_subnet
 from orchestrator.phases import run_pretrain
 from tests.conftest import tiny_overrides
 from tests.orchestrator.faults import run_and_kill_after_checkpoint
@@ -26,8 +28,10 @@ def test_pretrain_checkpoints_resumes_after_kill_and_caches(ray_cluster, tmp_pat
     assert m["resumed_from_epoch"] >= 1, "the restarted workers did not resume from a checkpoint"
     assert 0.0 <= m["test_top1"] <= 1.0 and m["test_top1"] > 0.3  # 10 classes: chance is 0.1
     assert not res.cached and (res.path / "model.safetensors").stat().st_size > 0
-    arch = json.loads((res.path / "arch.json").read_text())
+    arch = json.loads((res.path / "arch.json").read_text())["arch"]  # the one schema
     assert arch["embed_dim"] == 32 and len(arch["blocks"]) == 2
+    dense = load_subnet(res.path)  # the dense cache loads like any subnet
+    assert ViTArch.from_timm(dense).to_dict() == arch
     assert res.cost.device_kind == "cpu_core" and res.cost.devices == 2
     assert res.cost.worker_seconds > 0
     assert res.cost.device_hours == pytest.approx(2 * res.cost.worker_seconds / 3600)
