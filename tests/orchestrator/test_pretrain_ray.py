@@ -9,9 +9,9 @@ import time
 import pytest
 
 from orchestrator.config import load_config
+from orchestrator.phases import run_pretrain
 from search_space.arch import ViTArch
 from search_space.subnet import load_subnet
-from orchestrator.phases import run_pretrain
 from tests.conftest import tiny_overrides
 from tests.orchestrator.faults import run_and_kill_after_checkpoint
 
