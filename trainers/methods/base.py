@@ -139,6 +139,7 @@ class SearchMethod(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`; called after `setup` and `wrap`, before `restore`."""
+        return None
 
 
 def register_method(name: str) -> Callable[[type[SearchMethod]], type[SearchMethod]]:
