@@ -79,6 +79,28 @@ def fmnist_dir() -> Path:
     return FMNIST
 
 
+def write_png_folder(root: Path, train: int, val: int, classes: int = 10) -> Path:
+    """root/{train,val}/class_<c>/*.png: real Fashion-MNIST images as 28x28 grayscale PNGs,
+    `train` + `val` per class (an ImageNet-style folder as a user would bring one)."""
+    import numpy as np
+    from PIL import Image
+
+    from trainers.data import read_idx
+
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"Fashion-MNIST missing in {FMNIST}: run `make data`")
+    n = 100 * (train + val)
+    images = read_idx(FMNIST / "train-images-idx3-ubyte.gz")[:n]
+    labels = read_idx(FMNIST / "train-labels-idx1-ubyte.gz")[:n]
+    for c in range(classes):
+        idx = np.flatnonzero(labels == c)[:train + val]
+        for split, chosen in (("train", idx[:train]), ("val", idx[train:])):
+            (root / split / f"class_{c}").mkdir(parents=True)
+            for i in chosen:
+                Image.fromarray(images[i], mode="L").save(root / split / f"class_{c}" / f"{i}.png")
+    return root
+
+
 def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
     """Dot-list overrides for a tiny, fast Fashion-MNIST run under tmp_path."""
     base = {

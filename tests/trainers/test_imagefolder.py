@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from orchestrator.config import load_config
 from trainers.config import DataConfig
-from trainers.data import DataError, build_splits, check_fits, dataset_shape, read_idx
+from trainers.data import DataError, build_splits, check_fits, dataset_shape
 
 CLASSES = 10
 SMALL_VIT = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=7"]
@@ -26,20 +25,9 @@ SMALL_VIT = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.
 @pytest.fixture(scope="module")
 def png_folder(tmp_path_factory) -> Path:
     """root/{train,val}/<class>/*.png: 4 + 2 real Fashion-MNIST images per class."""
-    from tests.conftest import FMNIST
+    from tests.conftest import write_png_folder
 
-    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.fail(f"Fashion-MNIST missing in {FMNIST}: run `make data`")
-    images = read_idx(FMNIST / "train-images-idx3-ubyte.gz")[:600]
-    labels = read_idx(FMNIST / "train-labels-idx1-ubyte.gz")[:600]
-    root = tmp_path_factory.mktemp("pngs")
-    for c in range(CLASSES):
-        idx = np.flatnonzero(labels == c)[:6]
-        for split, chosen in (("train", idx[:4]), ("val", idx[4:])):
-            (root / split / f"class_{c}").mkdir(parents=True)
-            for i in chosen:
-                Image.fromarray(images[i], mode="L").save(root / split / f"class_{c}" / f"{i}.png")
-    return root
+    return write_png_folder(tmp_path_factory.mktemp("pngs"), 4, 2, CLASSES)
 
 
 def _data(root: Path) -> DataConfig:
