@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from search_space.arch import ViTArch
 from search_space.cost import count_macs
 from search_space.models import build_vit
-from search_space.subnet import extract_subnet, load_subnet
+from search_space.ofb.extract import extract_subnet
+from search_space.subnet import load_subnet
 from trainers.config import SearchConfig
 from trainers.methods import get_method
 

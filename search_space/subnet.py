@@ -1,12 +1,8 @@
-"""Subnets: a plain timm VisionTransformer with per-block widths, exported as arch.json + weights.
+"""Subnets: a timm VisionTransformer with per-block widths and mixers, exported as arch.json +
+weights, the end of every method (each method extracts its own; OFB's fold is in
+search_space/ofb/extract.py).
 
-`extract_subnet` folds every frozen mask into the weights and copies them into a fresh timm ViT
-whose blocks carry their own Attention (heads, head dim) and Mlp (hidden width). The searched
-model computed attention with the dense model's scale 1/sqrt(d_dense) (timm's fused attention
-would silently switch to 1/sqrt(d_new)), so the ratio sqrt(d_new / d_dense) is folded into the
-q rows: the exported model needs no custom attention class and runs anywhere timm runs.
-
-`load_subnet(folder)` needs only torch, timm, safetensors and this module.
+`load_subnet(folder)` needs only torch, timm, safetensors and search_space's core modules.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from search_space import groups
 from search_space.arch import ViTArch
 from search_space.mixers import build_block_, drop_unused_norms_
 from search_space.tokens import install_token_pruning
@@ -48,40 +43,6 @@ def build_from_arch(arch: ViTArch, device: str | torch.device | None = None) -> 
         for blk, b in zip(model.blocks, arch.blocks, strict=True):
             drop_unused_norms_(blk, b)
     return model
-
-
-@torch.no_grad()
-def extract_subnet(supernet: nn.Module) -> tuple[VisionTransformer, ViTArch]:
-    """Fold the frozen masks of a finished `SearchableViT` into a plain timm ViT."""
-    if not supernet.is_finished:
-        raise ValueError("every searchable module must be finished before extraction")
-    arch = supernet.current_arch()
-    src = supernet.vit
-    sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
-    m_e = src.patch_embed.frozen  # (D,)
-    # the embedding mask where channels enter the stream and on every branch output
-    groups.scale_(sd, [m for m in groups.embed_members(sd) if m.role in ("entry", "write")],
-                  m_e)
-    for i, blk in enumerate(src.blocks):
-        p = f"blocks.{i}."
-        a = blk.attn
-        m = a.frozen.reshape(-1)  # (H*d,) mask on q, k and v
-        q_fix = a.scale * a.head_dim**0.5  # searched softmax scale / the subnet's 1/sqrt(d)
-        qkv = [u for u in groups.attn_members(p + "attn.", a.attn_dim, p + "attn.qkv.bias" in sd)
-               if u.role in ("q", "k", "v")]
-        groups.scale_(sd, qkv, {"q": m * q_fix, "k": m, "v": m})
-        fc2_in = [u for u in groups.mlp_members(p + "mlp.") if u.key.endswith("fc2.weight")]
-        groups.scale_(sd, fc2_in, blk.mlp.frozen)  # the MLP mask on fc2's input
-    sd = {k: v for k, v in sd.items() if not _search_key(k)}
-    out = build_from_arch(arch, device=next(supernet.parameters()).device)
-    out.load_state_dict(sd, strict=True)
-    return out.eval(), arch
-
-
-def _search_key(k: str) -> bool:
-    last = k.rsplit(".", 1)[-1]
-    return last in ("alpha", "S", "live", "finished", "frozen", "cand_heads", "cand_dims",
-                    "cand_widths")
 
 
 def export_subnet(model: nn.Module, arch: ViTArch, folder: str | Path,

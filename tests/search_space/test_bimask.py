@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from search_space.bimask import (
+from search_space.ofb.bimask import (
     candidates_to_drop,
     linear_schedule,
     one_hot_loss,

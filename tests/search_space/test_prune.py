@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from search_space.allocate import allocate_global, allocate_threshold, allocate_uniform
 from search_space.arch import ViTArch
 from search_space.cost import count_macs
-from search_space.importance import elementwise, finalize_scores, group_scores
 from search_space.models import build_vit
 from search_space.prune import PrunePlan, apply_plan
-from search_space.slim import SlimViT
+from search_space.slim.multipliers import SlimViT
+from search_space.two_stage.allocate import allocate_global, allocate_threshold, allocate_uniform
+from search_space.two_stage.importance import elementwise, finalize_scores, group_scores
 
 
 def _vit(seed=0, **kw):

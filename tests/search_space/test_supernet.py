@@ -12,9 +12,10 @@ import torch
 
 from search_space.cost import count_macs, measure_macs
 from search_space.models import build_vit
-from search_space.modules import SearchableAttention, SearchableMlp, head_candidates
-from search_space.subnet import export_onnx, export_subnet, extract_subnet, load_subnet
-from search_space.supernet import SearchableViT
+from search_space.ofb.extract import extract_subnet
+from search_space.ofb.modules import SearchableAttention, SearchableMlp, head_candidates
+from search_space.ofb.supernet import SearchableViT
+from search_space.subnet import export_onnx, export_subnet, load_subnet
 
 FOLD_ATOL = 1e-5  # fold + export vs the searchable model in eval mode, fp32
 

@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from search_space.allocate import allocate_threshold
 from search_space.arch import ViTArch
 from search_space.cost import count_macs, measure_macs
 from search_space.models import build_vit
 from search_space.prune import PrunePlan, apply_plan
-from search_space.slim import SlimViT
+from search_space.slim.multipliers import SlimViT
 from search_space.subnet import build_from_arch, export_onnx, export_subnet, load_subnet
 from search_space.tokens import monotone_keep
+from search_space.two_stage.allocate import allocate_threshold
 
 
 def _slim(seed=0):

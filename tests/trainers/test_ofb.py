@@ -8,7 +8,7 @@ import torch
 from search_space.arch import ViTArch
 from search_space.cost import count_macs
 from search_space.models import build_vit
-from search_space.supernet import SearchableViT
+from search_space.ofb.supernet import SearchableViT
 from trainers.config import DataConfig, SearchConfig
 from trainers.data import build_splits, make_loader
 from trainers.loop import train_one_epoch

@@ -38,12 +38,12 @@ import torch.distributed as dist
 from pydantic import Field
 from torch import nn
 
-from search_space import bimask, pmim
 from search_space.arch import ViTArch
 from search_space.cost import count_macs
 from search_space.models import unwrap
-from search_space.subnet import extract_subnet
-from search_space.supernet import SearchableViT
+from search_space.ofb import bimask, pmim
+from search_space.ofb.extract import extract_subnet
+from search_space.ofb.supernet import SearchableViT
 from trainers.methods.base import SearchMethod, register_method
 from trainers.optim import decay_groups
 from trainers.sections import Section

@@ -18,11 +18,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from search_space.allocate import allocate_global, allocate_uniform
 from search_space.arch import ViTArch
-from search_space.importance import elementwise, finalize_scores, group_scores
 from search_space.models import unwrap
 from search_space.prune import apply_plan
+from search_space.two_stage.allocate import allocate_global, allocate_uniform
+from search_space.two_stage.importance import elementwise, finalize_scores, group_scores
 from trainers.methods.base import SearchMethod, register_method
 from trainers.optim import decay_groups
 from trainers.sections import Section

@@ -25,11 +25,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from search_space.allocate import allocate_threshold
 from search_space.arch import ViTArch
 from search_space.models import unwrap
 from search_space.prune import apply_plan
-from search_space.slim import SlimViT
+from search_space.slim.multipliers import SlimViT
+from search_space.two_stage.allocate import allocate_threshold
 from trainers.methods.base import SearchMethod, register_method
 from trainers.optim import decay_groups
 from trainers.sections import Section

@@ -13,7 +13,7 @@ multipliers zeta (init 1) on a plain timm ViT.
 computing the same function; token multipliers cannot be folded into weights (they scale
 positions, after a LayerNorm): `token_scales()` hands them to the pruner, and the exported
 subnet keeps the kept positions' values as `token_scale` buffers (search_space/tokens.py).
-ViT-Slim's stage 2 then prunes it (search_space/allocate.py, prune.py).
+ViT-Slim's stage 2 then prunes it (search_space/two_stage/allocate.py, prune.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from search_space.importance import UnitScores
+from search_space.two_stage.importance import UnitScores
 
 
 class SlimViT(nn.Module):

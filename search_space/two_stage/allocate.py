@@ -24,9 +24,9 @@ import torch
 
 from search_space.arch import BlockArch, ViTArch
 from search_space.cost import count_macs
-from search_space.importance import UnitScores
 from search_space.prune import PrunePlan, keep_top
 from search_space.tokens import monotone_keep
+from search_space.two_stage.importance import UnitScores
 
 
 def _plan_from_counts(s: UnitScores, k_embed: int, heads: list[torch.Tensor],

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from search_space import bimask
+from search_space.ofb import bimask
 
 
 class SearchableMixin:

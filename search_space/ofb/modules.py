@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 
-from search_space import bimask, groups
-from search_space.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
+from search_space import groups
+from search_space.ofb import bimask
+from search_space.ofb.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
 from search_space.slicing import along, slice_param_
 
 

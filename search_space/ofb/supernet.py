@@ -25,8 +25,8 @@ from torch import nn
 from search_space import groups
 from search_space.arch import BlockArch, ViTArch
 from search_space.cost import attn_macs, mlp_macs, stem_head_macs
-from search_space.modules import SearchableAttention, SearchableMlp
-from search_space.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
+from search_space.ofb.modules import SearchableAttention, SearchableMlp
+from search_space.ofb.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
 from search_space.slicing import along, slice_param_
 
 
