@@ -104,3 +104,38 @@ def test_unreachable_tracking_server_fails_before_ray(tmp_path):
     assert "mlflow server --host 127.0.0.1" in r.stderr and "Ray" not in r.stdout
     r = _run("--dry-run", f"output_dir={tmp_path}", "mlflow.tracking_uri=./mlruns")
     assert r.returncode == 2 and "MLflow 3 refuses file stores" in r.stderr
+
+
+def test_search_key_hashes_only_the_active_method():
+    a = load_config(None, ["sweep=null"])
+    assert a.search_key() != load_config(None, ["sweep=null", "search.ofb.temperature=0.8"]
+                                         ).search_key()
+    for other in ("search.vit_slim.l1_attn=0.1", "search.two_stage.score_batches=2"):
+        assert load_config(None, ["sweep=null", other]).search_key() == a.search_key(), other
+    slim = load_config(None, ["sweep=null", "search.method=vit_slim"])
+    assert slim.search_key() == load_config(None, [
+        "sweep=null", "search.method=vit_slim", "search.ofb.temperature=0.8"]).search_key()
+
+
+@pytest.mark.parametrize("old,new", [
+    ("search.temperature=0.8", "search.ofb.temperature"),
+    ("search.warmup_epochs=1", "search.lr_warmup_epochs"),
+    ("search.score_batches=4", "search.two_stage.score_batches"),
+    ("search.slim_tokens=true", "search.vit_slim.tokens"),
+])
+def test_moved_flat_keys_are_refused_with_their_new_name(old, new):
+    with pytest.raises(ConfigError, match=f"is now {new}"):
+        load_config(None, [old])
+
+
+def test_cli_method_section_resolves_and_old_key_is_refused(tmp_path):
+    r = _run("--dry-run", f"output_dir={tmp_path}", "search.method=ofb",
+             "search.ofb.temperature=0.8")
+    assert r.returncode == 0, r.stderr
+    assert "temperature: 0.8" in r.stdout
+    r = _run("--dry-run", f"output_dir={tmp_path}", "search.temperature=0.8")
+    assert r.returncode == 2 and "search.temperature is now search.ofb.temperature" in r.stderr
+    r = _run("--dry-run", f"output_dir={tmp_path}",
+             'sweep.space={"search.mask_ratio": {"type": "uniform", "low": 0.1, "high": 0.3}}',
+             "sweep.points_to_evaluate=[]")
+    assert r.returncode == 2 and "search.ofb.mask_ratio" in r.stderr
