@@ -312,7 +312,7 @@ def log_to_run(client: Any, run_id: str, metrics: dict[str, float], files: list[
 def track_single(cfg: Config, dense: Any, result: TrialRecord) -> str:
     """A run without a sweep (sweep=null): one top-level run holding the trial's record."""
     t = Tracker(cfg)
-    run_id = t.child(cfg.name, flatten({"search": cfg.search.model_dump(),
+    run_id = t.child(cfg.name, flatten({"search": cfg.search.active_dump(),
                                         "finetune": cfg.finetune.model_dump()}))
     t._log_dataset(run_id)
     t.log_dense(run_id, dense)
