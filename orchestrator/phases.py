@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,7 +104,17 @@ def fit_phase(cfg: Config, loop, loop_config: dict[str, Any], name: str,
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    # On the main thread Train V2 installs a SIGINT handler that holds the run's controller:
+    # left in place, it keeps the finished controller actor alive until the next main-thread
+    # run replaces it. In one loaded test run such a leftover still held its placement group
+    # (2 CPUs), and the sweep's next trial waited for CPUs for good.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        result = trainer.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
