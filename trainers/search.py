@@ -42,8 +42,12 @@ SUBNET_DIR = "subnet"
 
 
 def _restore(ckpt_dir: Path, method, model, optimizer_fn) -> tuple[Any, Any, dict]:
+    """Method state, weights, then the optimizer and its state: with the model on the method's
+    device first, so the optimizer state loads there too (loading it next to CPU weights and
+    moving only the weights made every resumed step on a GPU mix devices)."""
     method.load_state_dict(load_method_state(ckpt_dir))
     method.restore(model, load_file(str(ckpt_dir / MODEL_FILE)))
+    model.to(method.device)
     optimizer, scheduler = optimizer_fn(model)
     return optimizer, scheduler, load_training_state(ckpt_dir, optimizer, scheduler)
 

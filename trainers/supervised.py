@@ -77,6 +77,7 @@ def supervised_loop(config: dict[str, Any]) -> None:
     total_steps = math.ceil(rc.epochs * steps_per_epoch)  # 0: evaluate the given weights only
     n_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
 
+    model.to(env.device)  # before the optimizer: its checkpointed state loads beside the weights
     optimizer = torch.optim.AdamW(decay_groups(model.named_parameters(), rc.weight_decay),
                                   lr=rc.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(

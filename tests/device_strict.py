@@ -1,0 +1,100 @@
+"""A CPU stand-in for an accelerator: tensors that compute on the CPU but report the `meta`
+device and obey CUDA's device rules, so device bugs show up on a machine without a GPU.
+
+Inside `StrictDevice()` (a TorchDispatchMode):
+- `x.to(DEVICE)` (and any factory with `device=DEVICE`) gives a `StandIn` tensor: CPU data,
+  `device` reported as `meta`;
+- an op that mixes a StandIn with a CPU tensor of more than one element raises, as CUDA does
+  (0-d CPU tensors are allowed, as on CUDA);
+- ops that force a host sync on CUDA are counted: `.item()`, `bool()`, `nonzero`, boolean-mask
+  indexing, copies back to the CPU (`.cpu()`, `.tolist()`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+DEVICE = torch.device("meta")
+aten = torch.ops.aten
+SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+            aten.is_nonzero.default}
+
+
+# ops CUDA accepts with CPU operands: host-to-device copies, CPU index tensors
+HOST_OK = {aten.copy_.default, aten.index.Tensor, aten.index_select.default,
+           aten.index_put_.default, aten.index_put.default}
+
+
+class DeviceMixError(RuntimeError):
+    pass
+
+
+class StandIn(torch.Tensor):
+    """CPU data that reports the stand-in device."""
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, elem.shape, strides=elem.stride(), storage_offset=elem.storage_offset(),
+            dtype=elem.dtype, device=DEVICE, requires_grad=elem.requires_grad)
+
+    def __init__(self, elem: torch.Tensor):
+        self.elem = elem
+
+    def __reduce_ex__(self, proto):  # saved as its CPU data, as torch.load(map_location="cpu")
+        return self.elem.__reduce_ex__(proto)
+
+    def __repr__(self) -> str:
+        return f"StandIn({self.elem!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return NotImplemented  # only StrictDevice runs ops on StandIns
+
+
+def _is_dev(d) -> bool:
+    return d is not None and torch.device(d).type == DEVICE.type
+
+
+class StrictDevice(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(a, torch.Tensor)]
+        on_dev = any(isinstance(a, StandIn) for a in flat)
+        to_dev = _is_dev(kwargs.get("device"))
+        if func in (aten._to_copy.default, aten.to.dtype_layout) and on_dev and \
+                kwargs.get("device") is not None and not to_dev:
+            self.syncs += 1  # device -> host copy
+            out = func(*tree_map(_unwrap, args), **kwargs)
+            return out
+        if on_dev and func not in HOST_OK:
+            cpu = [a for a in flat if not isinstance(a, StandIn) and a.dim() > 0
+                   and a.numel() > 1]
+            if cpu:
+                raise DeviceMixError(f"{func}: a {tuple(cpu[0].shape)} CPU tensor meets a tensor "
+                                     f"on the device")
+        if func in SYNC_OPS or (func is aten.index.Tensor and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if len(args) > 1 else []) if i is not None)):
+            self.syncs += on_dev
+        if to_dev:
+            kwargs = {**kwargs, "device": torch.device("cpu")}
+        out = func(*tree_map(_unwrap, args), **kwargs)
+        if on_dev or to_dev:
+            return tree_map(_wrap, out)
+        return out
+
+
+def _unwrap(a):
+    return a.elem if isinstance(a, StandIn) else a
+
+
+def _wrap(a):
+    return StandIn(a) if isinstance(a, torch.Tensor) and not isinstance(a, StandIn) else a

@@ -1,0 +1,52 @@
+"""Resume on an accelerator, checked on the CPU stand-in device (tests/device_strict.py).
+
+A restarted worker used to load the optimizer state while the model was still on the CPU and
+move only the weights afterwards: the first step after every resume mixed devices on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from search_space.arch import ViTArch
+from search_space.models import unwrap
+from tests.device_strict import DEVICE, StrictDevice
+from tests.trainers.test_method_contract import STEPS, _batches, _build, _dense
+from trainers.checkpoint import save_checkpoint
+from trainers.loop import train_one_epoch
+from trainers.methods import list_methods
+from trainers.search import _restore
+
+
+def _methods() -> list:
+    """Every registered method; OFB is a known gap (issue 18): its backward under the stand-in
+    fails in index_put (the gradient of `W[r]` in search_space/ofb/searchable.py), not yet
+    traced to the harness or to the code. strict: the test fails once OFB passes."""
+    reason = "OFB backward under the stand-in device: index_put out of bounds (issue 18)"
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=reason))
+            if n == "ofb" else n for n in list_methods()]
+
+
+@pytest.mark.parametrize("name", _methods())
+def test_search_resumes_on_the_device(name, tmp_path):
+    batches = _batches()
+    dense_arch = ViTArch.from_timm(_dense())
+    with StrictDevice():
+        method, model, make_opt = _build(name, dense_arch)
+        method.setup(DEVICE)
+        model.to(DEVICE)
+        opt, _ = make_opt(model)
+        if not method.finished(model):
+            train_one_epoch(model, batches[:STEPS], opt, None, DEVICE, method=method)
+        ckpt = save_checkpoint(tmp_path / "ckpt", unwrap(model), {"epoch": 0, "elapsed_s": 0.0},
+                               opt, method_state=method.state_dict())
+        method2, model2, make_opt2 = _build(name, dense_arch)  # a restarted worker: on the CPU
+        method2.setup(DEVICE)
+        opt2, _, _ = _restore(ckpt, method2, model2, make_opt2)
+        assert all(p.device == DEVICE for p in model2.parameters())
+        for state in opt2.state.values():
+            assert all(v.device == DEVICE for v in state.values()
+                       if torch.is_tensor(v) and v.dim() > 0)
+        st = train_one_epoch(model2, batches[STEPS:], opt2, None, DEVICE, method=method2,
+                             step_offset=STEPS)  # mixed devices raise here
+    assert st.steps == 1 and st.loss > 0
