@@ -27,6 +27,12 @@ HOST_OK = {aten.copy_.default, aten.index.Tensor, aten.index_select.default,
            aten.index_put_.default, aten.index_put.default}
 
 
+# in-place ops that change a tensor's shape or strides (matmul of a vector uses squeeze_)
+INPLACE_VIEWS = {aten.squeeze_.dim, aten.squeeze_.default, aten.squeeze_.dims,
+                 aten.unsqueeze_.default, aten.t_.default, aten.transpose_.default,
+                 aten.as_strided_.default}
+
+
 class DeviceMixError(RuntimeError):
     pass
 
@@ -43,6 +49,11 @@ class StandIn(torch.Tensor):
     def __init__(self, elem: torch.Tensor):
         self.elem = elem
 
+    def tolist(self) -> list:  # not an aten op: a device -> host copy on CUDA, a sync
+        if _ACTIVE:
+            _ACTIVE[-1].syncs += 1
+        return self.elem.tolist()
+
     def __reduce_ex__(self, proto):  # saved as its CPU data, as torch.load(map_location="cpu")
         return self.elem.__reduce_ex__(proto)
 
@@ -58,10 +69,21 @@ def _is_dev(d) -> bool:
     return d is not None and torch.device(d).type == DEVICE.type
 
 
+_ACTIVE: list[StrictDevice] = []
+
+
 class StrictDevice(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.syncs = 0
+
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -87,6 +109,11 @@ class StrictDevice(TorchDispatchMode):
         if to_dev:
             kwargs = {**kwargs, "device": torch.device("cpu")}
         out = func(*tree_map(_unwrap, args), **kwargs)
+        if on_dev and func in INPLACE_VIEWS and isinstance(args[0], StandIn):
+            # squeeze_ & co. change the tensor itself: mirror the new shape on the wrapper
+            with torch._C._DisableTorchDispatch():
+                func(*args, **kwargs)
+            return args[0]
         if on_dev or to_dev:
             return tree_map(_wrap, out)
         return out

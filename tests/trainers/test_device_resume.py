@@ -18,16 +18,7 @@ from trainers.methods import list_methods
 from trainers.search import _restore
 
 
-def _methods() -> list:
-    """Every registered method; OFB is a known gap (issue 18): its backward under the stand-in
-    fails in index_put (the gradient of `W[r]` in search_space/ofb/searchable.py), not yet
-    traced to the harness or to the code. strict: the test fails once OFB passes."""
-    reason = "OFB backward under the stand-in device: index_put out of bounds (issue 18)"
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=reason))
-            if n == "ofb" else n for n in list_methods()]
-
-
-@pytest.mark.parametrize("name", _methods())
+@pytest.mark.parametrize("name", list_methods())
 def test_search_resumes_on_the_device(name, tmp_path):
     batches = _batches()
     dense_arch = ViTArch.from_timm(_dense())
