@@ -117,7 +117,7 @@ def scale_(tensors: dict[str, torch.Tensor], members: Iterable[Member],
         s = scale[m.role] if isinstance(scale, dict) else scale
         t = tensors[m.key]
         slab = t.movedim(m.dim % t.ndim, 0).narrow(0, m.offset, s.numel())  # a view
-        slab.mul_(s.to(t.dtype).reshape((-1,) + (1,) * (t.ndim - 1)))
+        slab.mul_(s.to(t.device, t.dtype).reshape((-1,) + (1,) * (t.ndim - 1)))
 
 
 def slice_(root: nn.Module, members: Iterable[Member], idx: torch.Tensor,

@@ -72,9 +72,11 @@ def apply_plan(vit: VisionTransformer, plan: PrunePlan) -> tuple[VisionTransform
     dense = ViTArch.from_timm(vit)
     arch = plan.arch(dense)
     sd = {k: v.detach().clone() for k, v in vit.state_dict().items()}
+    dev = sd["cls_token"].device  # the plan's indices may come from the CPU (allocators)
     out = groups.take(sd, groups.embed_members(sd), plan.embed)
     for i, (blk_d, heads, dims, mlp) in enumerate(zip(dense.blocks, plan.heads, plan.dims,
                                                       plan.mlp, strict=True)):
+        heads, dims = heads.to(dev), dims.to(dev)
         p = f"blocks.{i}."
         rows = attn_rows(heads, dims, blk_d.head_dim)  # (h' * d',) into H*d
         # the dense softmax scale 1/sqrt(d) kept with head_dim d': fold the ratio into q
@@ -88,7 +90,7 @@ def apply_plan(vit: VisionTransformer, plan: PrunePlan) -> tuple[VisionTransform
         for i, kept in enumerate(plan.tokens):
             scale = (torch.ones(len(kept)) if plan.token_scale is None
                      else plan.token_scale[i].detach()[kept])
-            out[f"blocks.{i}.token_scale"] = scale.to(plan.embed.device, torch.float32)
-    model = build_from_arch(arch, device=sd["cls_token"].device)
+            out[f"blocks.{i}.token_scale"] = scale.to(dev, torch.float32)
+    model = build_from_arch(arch, device=dev)
     model.load_state_dict(out, strict=True)
     return model.eval(), arch

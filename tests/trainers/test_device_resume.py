@@ -10,6 +10,7 @@ import torch
 
 from search_space.arch import ViTArch
 from search_space.models import unwrap
+from search_space.subnet import export_subnet, load_subnet
 from tests.device_strict import DEVICE, StrictDevice
 from tests.trainers.test_method_contract import STEPS, _batches, _build, _dense
 from trainers.checkpoint import save_checkpoint
@@ -40,4 +41,12 @@ def test_search_resumes_on_the_device(name, tmp_path):
                        if torch.is_tensor(v) and v.dim() > 0)
         st = train_one_epoch(model2, batches[STEPS:], opt2, None, DEVICE, method=method2,
                              step_offset=STEPS)  # mixed devices raise here
+        method2.finalize(model2, opt2)
+        subnet, arch = method2.extract(model2)  # device-clean extraction
+        assert all(p.device == DEVICE for p in subnet.parameters())
+        with torch.no_grad():
+            logits = subnet(batches[0][0].to(DEVICE))
+        folder = export_subnet(subnet, arch, tmp_path / "subnet")
     assert st.steps == 1 and st.loss > 0
+    assert logits.shape == (16, 4)
+    torch.testing.assert_close(load_subnet(folder)(batches[0][0]), logits.elem)
