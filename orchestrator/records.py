@@ -110,6 +110,14 @@ class TrialRecord:
         return cls(**known, hparams={**row.get("hparams", {}), **{k: row[k] for k in extra}})
 
     @classmethod
+    def from_tune(cls, result: Mapping[str, Any], config: Mapping[str, Any] | None,
+                  space_keys: Iterable[str]) -> TrialRecord:
+        """A record from a trial's final Tune result and its config (the swept values)."""
+        keys = set(space_keys)
+        return cls.from_row({**result, "hparams": {k: v for k, v in (config or {}).items()
+                                                   if k in keys}}, hparam_keys=())
+
+    @classmethod
     def from_mlflow(cls, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str]
                     ) -> TrialRecord:
         """A record read back from a trial's MLflow run (what `mlflow_metrics`/`_tags` wrote)."""

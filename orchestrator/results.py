@@ -72,9 +72,8 @@ class ResultsCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
         if result.get("phase") != "done":
             return
-        rec = TrialRecord.from_row(result, hparam_keys=())
+        rec = TrialRecord.from_tune(result, trial.config, self.space_keys)
         rec.trial_id = trial.trial_id
-        rec.hparams = {k: v for k, v in (trial.config or {}).items() if k in self.space_keys}
         rec.mlflow_run_id = self.run_id and self.run_id(trial.trial_id)
         self.rows[trial.trial_id] = rec
         write_results(self.path, list(self.rows.values()), self.space_keys)

@@ -169,9 +169,7 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
         m = r.metrics or {}
         if m.get("phase") != "done":
             continue
-        rec = TrialRecord.from_row(m, hparam_keys=())
-        rec.hparams = {k: v for k, v in (r.config or {}).items() if k in cfg.sweep.space}
-        records.append(rec)
+        records.append(TrialRecord.from_tune(m, r.config, cfg.sweep.space))
     if tracker is not None:
         tracker.attach(tracker.parent_id)
         for rec in records:

@@ -286,18 +286,12 @@ class NoneKind(MixerKind):
 # --- whole blocks --------------------------------------------------------------------------------
 def build_block_(block: nn.Module, dim: int, blk: BlockArch, qkv_bias: bool,
                  num_prefix_tokens: int, grid: int) -> nn.Module:
-    """Give a timm `Block` the mixer and MLP of `blk` (a removed MLP becomes `Zeros`)."""
-    block.attn = get_mixer(blk.mixer).build(dim, blk, qkv_bias, num_prefix_tokens, grid)
+    """Give a timm `Block` the mixer and MLP of `blk`; a removed branch becomes `Zeros` and the
+    norm in front of it Identity (no params)."""
+    kind = get_mixer(blk.mixer)
+    block.attn = kind.build(dim, blk, qkv_bias, num_prefix_tokens, grid)
     block.mlp = Zeros() if blk.mlp_hidden == 0 else Mlp(dim, blk.mlp_hidden)
-    return block
-
-
-def drop_unused_norms_(block: nn.Module, blk: BlockArch) -> nn.Module:
-    """norm1 / norm2 in front of a removed branch become Identity (no params).
-
-    Separate from `build_block_` because `install_token_pruning` reads the device off norm1.
-    """
-    if not get_mixer(blk.mixer).pre_norm:
+    if not kind.pre_norm:
         block.norm1 = nn.Identity()
     if blk.mlp_hidden == 0:
         block.norm2 = nn.Identity()

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from search_space.arch import ViTArch
-from search_space.mixers import build_block_, drop_unused_norms_
+from search_space.mixers import build_block_
 from search_space.tokens import install_token_pruning
 
 ARCH_FILE, WEIGHTS_FILE, ONNX_FILE = "arch.json", "model.safetensors", "model.onnx"
@@ -39,9 +39,7 @@ def build_from_arch(arch: ViTArch, device: str | torch.device | None = None) -> 
         grid = arch.img_size // arch.patch_size
         for blk, b in zip(model.blocks, arch.blocks, strict=True):
             build_block_(blk, arch.embed_dim, b, arch.qkv_bias, arch.num_prefix_tokens, grid)
-        install_token_pruning(model, arch)  # reads each block's device off norm1: first
-        for blk, b in zip(model.blocks, arch.blocks, strict=True):
-            drop_unused_norms_(blk, b)
+        install_token_pruning(model, arch)
     return model
 
 

@@ -52,8 +52,8 @@ def install_token_pruning(model: nn.Module, arch: ViTArch) -> None:
         return
     model.token_positions = arch.tokens  # read back by ViTArch.from_timm
     prev = list(range(arch.num_tokens))
+    dev = next(model.parameters()).device  # not norm1's: a block may have none (mixer "none")
     for blk, kept in zip(model.blocks, arch.tokens, strict=True):
-        dev = blk.norm1.weight.device
         pos = {u: j for j, u in enumerate(prev)}
         if not set(kept) <= pos.keys():
             raise ValueError(f"arch.tokens: block positions {sorted(set(kept) - pos.keys())} "

@@ -72,9 +72,8 @@ class SearchMethod(abc.ABC):
         self.steps_per_epoch = steps_per_epoch
         self.dense_arch = dense_arch
         self.dense_macs = count_macs(dense_arch)
-        self.target_macs: float | None = (
-            cfg.target_gmacs * 1e9 if getattr(cfg, "target_gmacs", None)
-            else getattr(cfg, "budget", 1.0) * self.dense_macs)
+        self.target_macs: float | None = (cfg.target_gmacs * 1e9 if cfg.target_gmacs
+                                          else cfg.budget * self.dense_macs)
         self.device = torch.device("cpu")
 
     # --- required ------------------------------------------------------------------------
