@@ -31,9 +31,19 @@ class DataConfig(_Section):
     max_eval_samples: int | None = Field(None, ge=1)
     batch_size: int = Field(128, ge=1, description="global batch, split over Ray workers")
     eval_batch_size: int = Field(256, ge=1)
-    loader_workers: int = Field(0, ge=0)
+    loader_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader processes per Ray worker. auto: on GPU workers "
+        "scaling.cpus_per_worker - 1 (one CPU for the training process), at most 8; on CPU "
+        "workers 0 (their CPUs run the compute threads). An integer is taken as it is")
     augment: bool = True
     synthetic_size: int = Field(512, ge=8, description="images in the synthetic data set")
+
+    @field_validator("loader_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"{v!r}; allowed: 'auto' or an integer >= 0")
 
 
 class ModelConfig(_Section):

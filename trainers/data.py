@@ -3,8 +3,9 @@
 Every data set returns the same three splits (train, val, test) plus its shape facts, so model
 building can default `in_chans`, `num_classes` and `img_size` from the data. The validation split
 is carved from the training set by a seeded permutation: every worker and every trial of a sweep
-sees the same split. Distributed sharding is left to Ray Train's `prepare_data_loader`, which
-swaps in a DistributedSampler.
+sees the same split. Distributed sharding: `shard_loader` swaps in a DistributedSampler and keeps
+every other loader setting (worker processes, pinned memory, prefetch), which Ray Train's own
+`prepare_data_loader` would drop (trainers/worker.py `prepare_loader` uses it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -258,10 +267,66 @@ def build_splits(cfg: Any, img_size: int | None = None, in_chans: int | None = N
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
-                seed: int = 0, drop_last: bool = False) -> DataLoader:
+                seed: int = 0, drop_last: bool = False, pin_memory: bool = False,
+                persistent: bool | None = None) -> DataLoader:
+    """A seeded DataLoader. `workers` loader processes, kept alive across epochs unless
+    `persistent=False` (None: whenever there are workers); `pin_memory` for CUDA devices
+    (`pin_memory_for`)."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      drop_last=drop_last, generator=g, persistent_workers=workers > 0)
+                      drop_last=drop_last, generator=g, pin_memory=pin_memory,
+                      persistent_workers=workers > 0 if persistent is None
+                      else persistent and workers > 0)
+
+
+AUTO_LOADER_WORKERS_CAP = 8  # past this, more loader processes rarely feed one GPU faster
+
+
+def loader_workers(setting: int | str, cpus_per_worker: float, device: torch.device) -> int:
+    """The loader processes of one Ray Train worker for `data.loader_workers`.
+
+    An integer is taken as it is. "auto": on an accelerator (CUDA) the worker's CPUs
+    (`scaling.cpus_per_worker`) minus one for the training process, at most
+    AUTO_LOADER_WORKERS_CAP and at least 0; on the CPU 0, because the training process already
+    runs `cpus_per_worker` compute threads and loader processes would only compete with them.
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    return max(0, min(AUTO_LOADER_WORKERS_CAP, int(cpus_per_worker) - 1))
+
+
+def pin_memory_for(device: torch.device) -> bool:
+    """Page-locked batches only for CUDA: they make the host-to-GPU copy asynchronous; on the
+    CPU they would only cost a copy."""
+    return device.type == "cuda"
+
+
+def shard_loader(loader: DataLoader, rank: int, world_size: int, seed: int = 0) -> DataLoader:
+    """`loader` over this rank's shard: rebuilt with a DistributedSampler (shuffled when the
+    loader shuffled, seeded with `seed`; reshuffled per epoch through `set_epoch`), every other
+    setting kept (worker processes and their persistence, pinned memory, prefetch, generator,
+    worker_init_fn, timeout, multiprocessing context). Ray Train's `prepare_data_loader`
+    rebuilds the loader from a few of them only and drops `persistent_workers` and
+    `prefetch_factor`. One rank, an IterableDataset or a loader that already has a
+    DistributedSampler: returned as it is (one rank: the loader's seeded generator shuffles)."""
+    if (world_size <= 1 or isinstance(loader.sampler, DistributedSampler)
+            or isinstance(loader.dataset, IterableDataset)):
+        return loader
+    if loader.batch_size is None:
+        raise ValueError("shard_loader needs a loader built with batch_size (no batch_sampler)")
+    sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank,
+                                 shuffle=not isinstance(loader.sampler, SequentialSampler),
+                                 seed=seed)
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory, drop_last=loader.drop_last, timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device, in_order=loader.in_order)
 
 
 FIXED_SHAPES = {"fashion_mnist": (1, 10, 28), "synthetic": (3, 4, 32), "cifar10": (3, 10, 32),

@@ -64,8 +64,8 @@ def search_loop(config: dict[str, Any]) -> None:
 
     per_worker_batch = max(1, cfg.data.batch_size // env.world_size)
     loader = worker.prepare_loader(make_loader(
-        splits.train, per_worker_batch, shuffle=True, workers=cfg.data.loader_workers,
-        seed=cfg.seed, drop_last=True), cfg.seed)
+        splits.train, per_worker_batch, shuffle=True, seed=cfg.seed, drop_last=True,
+        **worker.loader_options(cfg, env.device)), cfg.seed)
     steps_per_epoch = len(loader)
     method = get_method(sc.method)(sc, steps_per_epoch, dense_arch)
     method.setup(env.device)

@@ -30,7 +30,10 @@ from trainers.optim import decay_groups
 
 
 def eval_split(model, ds, cfg, env) -> dict[str, float]:
-    loader = worker.prepare_loader(make_loader(ds, cfg.data.eval_batch_size, shuffle=False))
+    # built per evaluation pass: its loader processes end with it (persistent=False)
+    loader = worker.prepare_loader(make_loader(ds, cfg.data.eval_batch_size, shuffle=False,
+                                               persistent=False,
+                                               **worker.loader_options(cfg, env.device)))
     r = evaluate(model, loader, env.device, env.precision)
     s = all_reduce_sums({k: r[k] for k in ("correct", "count", "loss_sum")}, env.device)
     return {"top1": s["correct"] / max(s["count"], 1), "loss": s["loss_sum"] / max(s["count"], 1)}
@@ -67,8 +70,8 @@ def supervised_loop(config: dict[str, Any]) -> None:
     arch = ViTArch.from_timm(model).to_dict()
 
     per_worker_batch = max(1, cfg.data.batch_size // env.world_size)
-    train_loader = make_loader(splits.train, per_worker_batch, shuffle=True,
-                               workers=cfg.data.loader_workers, seed=cfg.seed, drop_last=True)
+    train_loader = make_loader(splits.train, per_worker_batch, shuffle=True, seed=cfg.seed,
+                               drop_last=True, **worker.loader_options(cfg, env.device))
     train_loader = worker.prepare_loader(train_loader, cfg.seed)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:

@@ -18,8 +18,9 @@ import ray.train
 import ray.train.torch
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
+from trainers.data import loader_workers, pin_memory_for, shard_loader
 from trainers.loop import resolve_precision
 
 
@@ -59,17 +60,28 @@ def prepare_model(model: nn.Module, ddp_kwargs: dict[str, Any] | None = None) ->
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs or None)
 
 
-def prepare_loader(loader: DataLoader, seed: int = 0) -> DataLoader:
-    """Shard with a DistributedSampler, reshuffled per epoch through set_epoch.
+def loader_options(cfg: Any, device: torch.device) -> dict[str, Any]:
+    """`make_loader` keywords for this worker's device from a TrainConfig: loader processes
+    (`data.loader_workers`, "auto" resolved from `scaling.cpus_per_worker`) and pinned memory
+    (CUDA only)."""
+    return {"workers": loader_workers(cfg.data.loader_workers, cfg.scaling.cpus_per_worker,
+                                      device),
+            "pin_memory": pin_memory_for(device)}
 
-    Ray builds the sampler with torch's default seed 0, so without `seed` every run sees the
-    same batch order whatever its `seed`: a seed sweep of a deterministic method (ViT-Slim's
-    zeta start at 1, Taylor scores, the fine-tune) would repeat one result.
+
+def prepare_loader(loader: DataLoader, seed: int = 0) -> DataLoader:
+    """Shard with a DistributedSampler, reshuffled per epoch through set_epoch, then let Ray
+    move the batches to the worker's device.
+
+    The sampler is ours (`shard_loader`), not Ray's: Ray rebuilds the loader without its
+    persistent workers and prefetch settings, and seeds the sampler with torch's default 0, so
+    every run would see the same batch order whatever its `seed` and a seed sweep of a
+    deterministic method (ViT-Slim's zeta start at 1, Taylor scores, the fine-tune) would repeat
+    one result.
     """
-    loader = ray.train.torch.prepare_data_loader(loader)
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.seed = seed  # one worker: make_loader's seeded generator already shuffles
-    return loader
+    ctx = ray.train.get_context()
+    loader = shard_loader(loader, ctx.get_world_rank(), ctx.get_world_size(), seed)
+    return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
