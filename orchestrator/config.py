@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -70,6 +72,19 @@ class Config(TrainConfig):
         return Path(base).expanduser().resolve()
 
     @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> Config:
+        """Several GPU workers cannot share a GPU: NCCL refuses two ranks on one device."""
+        s = self.scaling
+        g = s.gpus_per_worker
+        if s.use_gpu and s.num_workers > 1 and (g < 1 or g != int(g)):
+            raise ValueError(
+                f"scaling.gpus_per_worker={g:g} with scaling.num_workers={s.num_workers}: two "
+                "ranks on one GPU fail in NCCL ('Duplicate GPU detected'); with scaling.use_gpu "
+                "and more than one worker gpus_per_worker must be a whole number (1, 2, ...); "
+                "a fraction such as 0.5 is allowed only with scaling.num_workers=1")
+        return self
+
+    @model_validator(mode="after")
     def _sweep_keys_exist(self) -> Config:
         """Every swept key must name a real setting and accept the values it will be given."""
         if self.sweep is None:
@@ -117,6 +132,81 @@ class Config(TrainConfig):
 
     def finetune_key(self) -> str:
         return _hash(dict(search=self.search_key(), finetune=self.finetune.model_dump()))
+
+
+class NodeType(NamedTuple):
+    name: str
+    resources: dict[str, float]  # CPU, GPU, ... of one node
+    max_count: int  # how many such nodes the cluster may run
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What a Ray cluster can grow to: the head, the worker node types with their `max_workers`,
+    and the global `max_workers` (a cap on worker nodes of all types together; None: no cap)."""
+
+    head: NodeType | None
+    workers: tuple[NodeType, ...]
+    max_workers: int | None = None
+
+    @classmethod
+    def fixed(cls, resources: dict[str, float]) -> ClusterShape:
+        """A cluster that never grows, taken as one node (Ray embedded on this machine)."""
+        return cls(NodeType("this machine", dict(resources), 1), (), 0)
+
+    @classmethod
+    def from_launcher(cls, raw: dict[str, Any]) -> ClusterShape | None:
+        """The shape a `ray up` config declares (cluster.yaml, or the `~/ray_bootstrap_config.yaml`
+        it leaves on the head). None when a node type leaves its CPUs to detection at
+        `ray start` (`resources: {}`; provider `local`, which refuses `available_node_types`)."""
+        types = raw.get("available_node_types")
+        if not isinstance(types, dict) or not types:
+            return None
+        cap = raw.get("max_workers")
+        head, workers = None, []
+        for name, t in types.items():
+            res = {k: float(v) for k, v in ((t or {}).get("resources") or {}).items()}
+            if "CPU" not in res:
+                return None
+            res.setdefault("GPU", 0.0)
+            count = t.get("max_workers", 0 if name == raw.get("head_node_type") else cap)
+            if count is None:
+                return None
+            if name == raw.get("head_node_type"):
+                head = NodeType(name, res, 1)
+            if count:
+                workers.append(NodeType(name, res, int(count)))
+        return cls(head, tuple(workers), cap)
+
+    @staticmethod
+    def per_node(node: NodeType, per_worker: dict[str, float]) -> int:
+        """How many workers asking `per_worker` (e.g. {"CPU": 3, "GPU": 1}) one node holds."""
+        return min(math.floor(node.resources.get(k, 0) / q + 1e-9)
+                   for k, q in per_worker.items() if q > 0)
+
+    def max_placeable(self, per_worker: dict[str, float]) -> int:
+        """How many such workers the cluster holds at full size (each worker on one node)."""
+        total = self.per_node(self.head, per_worker) if self.head else 0
+        left = math.inf if self.max_workers is None else self.max_workers
+        for k, count in sorted(((self.per_node(t, per_worker), t.max_count)
+                                for t in self.workers), reverse=True):
+            n = min(count, left)
+            total, left = total + k * n, left - n
+        return int(total)
+
+    def without_gpus(self) -> ClusterShape:
+        """The same cluster without its GPU node types (where CPU-only work should go)."""
+        head = self.head if self.head and not self.head.resources.get("GPU") else None
+        return ClusterShape(head, tuple(t for t in self.workers if not t.resources.get("GPU")),
+                            self.max_workers)
+
+    def describe(self) -> str:
+        nodes = ([self.head] if self.head else []) + [t for t in self.workers if t != self.head]
+        parts = [f"{t.name} ({t.resources.get('CPU', 0):g} CPU, {t.resources.get('GPU', 0):g} "
+                 f"GPU) x{1 if t is self.head else t.max_count}" for t in nodes]
+        cap = (f", at most {self.max_workers} worker nodes in all"
+               if self.workers and self.max_workers is not None else "")
+        return "; ".join(parts) + cap
 
 
 def _hash(blob: dict[str, Any]) -> str:

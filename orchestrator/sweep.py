@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from ray import tune
 
 from orchestrator import report
-from orchestrator.config import Config
+from orchestrator.config import ClusterShape, Config
 from orchestrator.phases import (
     PretrainResult,
     load_cached,
@@ -62,20 +63,76 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
     tune.report(trial_result(cfg, search, tuned, time.perf_counter() - t0).tune_report())
 
 
-def trials_that_fit(cfg: Config, resources: dict[str, float]) -> int:
-    """How many trials run at once: the cluster's CPUs (GPUs) over one trial's needs."""
+def trials_that_fit(cfg: Config, resources: dict[str, float],
+                    shape: ClusterShape | None = None) -> int:
+    """How many trials run at once; `sweep.max_concurrent_trials` caps it in every case.
+
+    `resources` are the nodes up now (`ray.cluster_resources()` counts live nodes only), `shape`
+    what the cluster can grow to (`cluster_shape`; None: unknown). With a shape: as many trials
+    as fit at full size (the autoscaler starts nodes for the waiting workers; CPU-only trials
+    count the nodes without GPUs only), and a ValueError only when one trial can never fit.
+    Without one, a missing GPU never raises (GPU nodes usually scale up from zero): 1 trial at
+    a time unless `max_concurrent_trials` says more; a CPU shortfall raises unless it is set.
+    """
     s = cfg.scaling
-    fit = int(resources.get("CPU", 0) // (s.num_workers * s.cpus_per_worker))
-    if s.use_gpu:
-        fit = min(fit, int(resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
-    if fit < 1:
-        raise ValueError(
-            f"one trial needs {s.num_workers} x {s.cpus_per_worker:g} CPU"
-            + (f" and {s.num_workers} x {s.gpus_per_worker:g} GPU" if s.use_gpu else "")
-            + f"; the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} "
-            "GPU: lower scaling.num_workers or scaling.cpus_per_worker")
+    per_worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    now = min(math.floor(resources.get(k, 0) / (q * s.num_workers) + 1e-9)
+              for k, q in per_worker.items())
     wanted = cfg.sweep.max_concurrent_trials if cfg.sweep else None
-    return min(fit, wanted) if wanted else fit
+    need = (f"{s.num_workers} x {s.cpus_per_worker:g} CPU"
+            + (f" and {s.num_workers} x {s.gpus_per_worker:g} GPU" if s.use_gpu else ""))
+    have = f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
+    if shape is not None:
+        most = shape.max_placeable(per_worker) // s.num_workers
+        if most < 1:
+            nodes = [shape.head] * bool(shape.head) + list(shape.workers)
+            why = ("one worker fits on no node" if not any(
+                shape.per_node(t, per_worker) for t in nodes) else
+                f"at most {shape.max_placeable(per_worker)} of its workers fit at full size")
+            raise ValueError(
+                f"one trial needs {need}, and the cluster can never hold it ({why}; "
+                f"{shape.describe()}): lower scaling.num_workers, scaling.cpus_per_worker or "
+                "scaling.gpus_per_worker, or give the cluster a node type that fits")
+        if not s.use_gpu:  # CPU trials: size by the nodes without GPUs, if one fits there
+            most = max(1, shape.without_gpus().max_placeable(per_worker) // s.num_workers)
+        fit, source = max(now, most), "what fits once the autoscaler has added nodes"
+    elif now >= 1:
+        fit, source = now, ""
+    elif wanted or s.use_gpu and resources.get("GPU", 0) < s.num_workers * s.gpus_per_worker:
+        # no GPU node up yet (or the user says the cluster grows), and no autoscaler config
+        fit = wanted or 1
+        source = ("sweep.max_concurrent_trials" if wanted else "no autoscaler config found "
+                  "to size it by; set sweep.max_concurrent_trials for more")
+    else:
+        raise ValueError(
+            f"one trial needs {need}; the cluster has {have}: lower scaling.num_workers or "
+            "scaling.cpus_per_worker (on a cluster that autoscales, set "
+            "sweep.max_concurrent_trials to start anyway)")
+    if wanted and wanted < fit:
+        fit, source = wanted, "sweep.max_concurrent_trials"
+    if fit > now:
+        print(f"[sweep] the nodes up now ({have}) fit {now} trial(s) of {need}: running {fit} "
+              f"at once ({source}); Ray's autoscaler starts nodes for the waiting workers",
+              flush=True)
+    return fit
+
+
+# The autoscaler config `ray up` writes on the head node.
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+
+
+def cluster_shape(cfg: Config, resources: dict[str, float]) -> ClusterShape | None:
+    """What the cluster can grow to: this machine alone when Ray runs embedded; on a cluster the
+    node types of the autoscaler config `ray up` leaves on the head (where Tune looks too);
+    None when there is none (a cluster of unknown size)."""
+    from orchestrator.ray_setup import resolve_address
+
+    if resolve_address(cfg.ray.address) is None:
+        return ClusterShape.fixed(resources)
+    try:
+        return ClusterShape.from_launcher(yaml.safe_load(BOOTSTRAP_CONFIG.expanduser().read_text()))
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def search_metrics(cfg: Config) -> tuple[list[str], list[str]]:
@@ -113,7 +170,7 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
         tune.with_parameters(trial_driver, base=cfg.model_dump(), dense_dir=str(dense.path),
                              trials_dir=str(sweep_dir / "trials")),
         DRIVER_RESOURCES)
-    concurrent = trials_that_fit(cfg, resources)
+    concurrent = trials_that_fit(cfg, resources, cluster_shape(cfg, resources))
     space_keys = list(cfg.sweep.space)
     dense_info = report.Dense(dense.metrics.get("test_top1"), dense.macs,
                               dense.cost.device_hours, dense.cost.device_kind)
