@@ -21,14 +21,22 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import Config
-from orchestrator.records import TrialRecord
+from orchestrator.records import Hours, TrialRecord, unit
 from trainers.search import SUBNET_DIR, search_loop
 from trainers.supervised import supervised_loop
 
 
 @dataclass
 class PhaseCost:
-    """Device-hours of one phase: devices x wall time of the worker loops (all attempts)."""
+    """Device-hours of one phase: devices x wall time of the worker loops (all attempts), in
+    GPU-hours (`device_kind="gpu"`: workers x GPUs per worker) or CPU-core-hours ("cpu_core":
+    workers x CPUs per worker). The two are different units and are never added together.
+
+    A lower bound of what the phase occupied: only the time inside the worker loops counts
+    (the epochs' training and evaluation, the search's extraction), not Ray's start-up and
+    scheduling, worker-group restarts (nor the work lost since the last checkpoint), building
+    the data set and model before the loop, nor writing and uploading checkpoints.
+    `driver_seconds`, the driver's wall time of the whole Train run, includes those."""
 
     device_kind: str  # "gpu" or "cpu_core"
     devices: float
@@ -37,10 +45,19 @@ class PhaseCost:
 
     @property
     def device_hours(self) -> float:
+        """In `unit` (GPU-hours or CPU-core-hours)."""
         return self.devices * self.worker_seconds / 3600
 
+    @property
+    def unit(self) -> str:
+        return unit(self.device_kind)
+
+    def hours(self) -> Hours:
+        """{device_kind: device_hours}: what per-unit totals add up."""
+        return {self.device_kind: self.device_hours}
+
     def summary(self) -> dict[str, Any]:
-        return {**asdict(self), "device_hours": self.device_hours}
+        return {**asdict(self), "device_hours": self.device_hours, "unit": self.unit}
 
 
 @dataclass
@@ -259,6 +276,8 @@ def trial_result(cfg: Config, search: SearchResult, tuned: FinetuneResult,
         search_device_hours=search.cost.device_hours,
         finetune_device_hours=tuned.cost.device_hours, subnet_path=str(search.subnet),
         device_kind=search.cost.device_kind, node_id=f.get("node_id", ""),
+        finetune_device_kind=(tuned.cost.device_kind  # e.g. a CPU search resumed on GPUs
+                              if tuned.cost.device_kind != search.cost.device_kind else None),
         search_note=f.get("note", ""), trial_wall_s=wall,
         trial_overhead_s=wall - search.cost.worker_seconds - tuned.cost.worker_seconds,
         trial_dir=str(cfg.run_dir))

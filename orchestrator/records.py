@@ -19,10 +19,51 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 OBJECTIVE_TOP1 = "objective_top1"  # the search algorithm's metric when sweep.max_macs is set
-# numeric fields logged as MLflow metrics of a trial's run (the rest go to tags)
+# numeric fields logged as MLflow metrics of a trial's run (the rest go to tags); the phases'
+# device-hours are logged under names that carry their unit (`search_gpu_hours`, ...)
 MLFLOW_METRICS = ("top1", "top1_before_finetune", "macs", "params", "target_macs", "dense_macs",
-                  "search_device_hours", "finetune_device_hours", "trial_wall_s",
-                  "trial_overhead_s")
+                  "trial_wall_s", "trial_overhead_s")
+
+# -- device-hours: GPU-hours and CPU-core-hours are different units and never added together --
+DEVICE_KINDS = ("gpu", "cpu_core")
+UNITS = {"gpu": "GPU-hours", "cpu_core": "CPU-core-hours"}
+DEFAULT_KIND = "cpu_core"  # rows written before the kind was recorded ran on the CPU default
+Hours = dict[str, float]  # device kind -> hours of that kind
+
+
+def kind_of(kind: str | None) -> str:
+    return kind or DEFAULT_KIND
+
+
+def hours_name(kind: str | None) -> str:
+    """The unit as a metric/column suffix: "gpu_hours" or "cpu_core_hours"."""
+    return f"{kind_of(kind)}_hours"
+
+
+def unit(kind: str | None) -> str:
+    """The unit as printed: "GPU-hours" or "CPU-core-hours"."""
+    k = kind_of(kind)
+    return UNITS.get(k, f"{k}-hours")
+
+
+def kinds_in(*hours: Mapping[str, float]) -> list[str]:
+    """The device kinds present, in a fixed order (GPU first)."""
+    present = {k for h in hours for k in h}
+    return [k for k in DEVICE_KINDS if k in present] + sorted(present - set(DEVICE_KINDS))
+
+
+def add_hours(*parts: Mapping[str, float]) -> Hours:
+    """Sum per kind: like with like only."""
+    out: Hours = {}
+    for h in parts:
+        for k, v in h.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def format_hours(h: Mapping[str, float]) -> str:
+    """"0.1200 GPU-hours + 0.0300 CPU-core-hours": every amount with its unit."""
+    return " + ".join(f"{h[k]:.4f} {unit(k)}" for k in kinds_in(h)) or "0"
 
 
 def budget_label(target_macs: float, dense_macs: float) -> str:
@@ -46,16 +87,17 @@ class TrialRecord:
     top1: float | None = None  # test top-1 after fine-tune, as measured
     feasible: bool = True  # macs <= sweep.max_macs (always true without the constraint)
     top1_before_finetune: float | None = None
-    search_device_hours: float | None = None
-    finetune_device_hours: float | None = None
+    search_device_hours: float | None = None  # in `device_kind` hours
+    finetune_device_hours: float | None = None  # in `finetune_kind` hours
     subnet_path: str | None = None
     mlflow_run_id: str | None = None
-    device_kind: str | None = None  # "gpu" or "cpu_core": the unit of the device-hours
+    device_kind: str | None = None  # "gpu" or "cpu_core": the search's unit (None: cpu_core)
     node_id: str | None = None
     search_note: str | None = None
     trial_wall_s: float | None = None
     trial_overhead_s: float | None = None
     trial_dir: str | None = None
+    finetune_device_kind: str | None = None  # the fine-tune's unit when it differs (None: same)
     hparams: dict[str, Any] = field(default_factory=dict)
 
     # -- views ------------------------------------------------------------------------------
@@ -68,6 +110,20 @@ class TrialRecord:
         """The single number Tune/Optuna maximise under sweep.max_macs: top-1 in [0, 1] when
         feasible, shifted to [-1, 0] when not, so any feasible trial beats any infeasible one."""
         return self.top1 if self.feasible else self.top1 - 1.0
+
+    @property
+    def finetune_kind(self) -> str:
+        return kind_of(self.finetune_device_kind or self.device_kind)
+
+    def phase_hours(self) -> dict[str, Hours]:
+        """Device-hours of the search and the fine-tune, each keyed by its unit."""
+        return {"search": {kind_of(self.device_kind): self.search_device_hours or 0.0},
+                "finetune": {self.finetune_kind: self.finetune_device_hours or 0.0}}
+
+    def total_hours(self, pretrain_share: Mapping[str, float] | None = None) -> Hours:
+        """Search + fine-tune (+ this trial's share of the dense pretrain), summed per unit."""
+        p = self.phase_hours()
+        return add_hours(pretrain_share or {}, p["search"], p["finetune"])
 
     def row(self) -> dict[str, Any]:
         """A flat dict: the fields, then the swept values (a results.parquet row)."""
@@ -83,12 +139,20 @@ class TrialRecord:
         return {"phase": "done", **out, OBJECTIVE_TOP1: self.objective_top1}
 
     def mlflow_metrics(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in MLFLOW_METRICS if getattr(self, k) is not None}
+        """The numeric fields; the device-hours as `search_<unit>`, `finetune_<unit>`
+        (`search_gpu_hours`, `finetune_cpu_core_hours`, ...)."""
+        out = {k: getattr(self, k) for k in MLFLOW_METRICS if getattr(self, k) is not None}
+        for phase, h in self.phase_hours().items():
+            if getattr(self, f"{phase}_device_hours") is not None:
+                out.update({f"{phase}_{hours_name(k)}": v for k, v in h.items()})
+        return out
 
     def mlflow_tags(self) -> dict[str, str]:
         tags = {"budget": self.budget, "method": self.method, "status": "finished",
                 "feasible": str(self.feasible).lower(), "device_kind": self.device_kind or "",
                 "node_id": self.node_id or ""}
+        if self.finetune_device_kind and self.finetune_device_kind != self.device_kind:
+            tags["finetune_device_kind"] = self.finetune_device_kind
         if self.search_note:
             tags["search_note"] = str(self.search_note)[:5000]
         return tags
@@ -124,9 +188,14 @@ class TrialRecord:
         m = {k: metrics.get(k) for k in MLFLOW_METRICS}
         for k in ("macs", "params", "dense_macs"):
             m[k] = None if m[k] is None else int(m[k])
+        kind, ft_kind = tags.get("device_kind") or None, tags.get("finetune_device_kind") or None
+        for phase, k in (("search", kind), ("finetune", ft_kind or kind)):
+            # runs logged before the metric names carried their unit: `<phase>_device_hours`
+            m[f"{phase}_device_hours"] = metrics.get(f"{phase}_{hours_name(k)}",
+                                                     metrics.get(f"{phase}_device_hours"))
         return cls(trial_id=tags.get("trial_id", ""), method=tags.get("method", ""),
                    feasible=tags.get("feasible", "true") != "false", mlflow_run_id=run_id,
-                   device_kind=tags.get("device_kind"), node_id=tags.get("node_id"),
+                   device_kind=kind, finetune_device_kind=ft_kind, node_id=tags.get("node_id"),
                    search_note=tags.get("search_note"), **m)
 
 

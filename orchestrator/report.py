@@ -9,9 +9,15 @@ and, at equal budget, OFB's search cost over each two-stage method's. Writes
 area ~ search cost) and logs them to the sweep's MLflow parent run. A sweep folder is read from
 its results.parquet + dense.json; an experiment from its latest sweep run in MLflow.
 
+Device-hours come in two units, GPU-hours and CPU-core-hours, and are only ever added to their
+own kind: a dense model trained on the CPU and searched on GPUs gives a total in GPU-hours plus
+one in CPU-core-hours (columns and metrics `..._gpu_hours`, `..._cpu_core_hours`), and a ratio
+only between costs of one unit. They are a lower bound: only the worker loops are timed, not
+Ray's start-up, scheduling, data preparation outside the loop or checkpoint upload.
+
 Total cost of a trial = its share of the dense pretrain (pretrain hours / trials in the sweep)
-+ search + fine-tune. The ratio "OFB vs X" is mean OFB search hours / mean X search hours at
-the same budget: < 1 means OFB searched for less.
++ search + fine-tune, per unit. The ratio "OFB vs X" is mean OFB search hours / mean X search
+hours at the same budget: < 1 means OFB searched for less.
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from orchestrator.records import TrialRecord, as_record, best_of
+from orchestrator.records import (
+    Hours,
+    TrialRecord,
+    add_hours,
+    as_record,
+    best_of,
+    format_hours,
+    hours_name,
+    kinds_in,
+    unit,
+)
 
 Rows = Iterable[TrialRecord | Mapping[str, Any]]  # records, or flat rows (results.parquet's)
 
@@ -38,8 +54,12 @@ CONTROL = "dense_control"  # the dense model fine-tuned like the subnets, not pr
 class Dense:
     top1: float | None
     macs: float | None
-    device_hours: float
+    device_hours: float  # in `device_kind` hours: the dense model's may differ from the trials'
     device_kind: str = "cpu_core"
+
+    @property
+    def hours(self) -> Hours:
+        return {self.device_kind: self.device_hours}
 
 
 @dataclass
@@ -71,11 +91,43 @@ TOP1_VS_MACS = [SimpleNamespace(metric="top1", mode="max"),
                 SimpleNamespace(metric="macs", mode="min")]
 
 
+def _mean_hours(hours: list[Hours]) -> Hours:
+    """The mean per trial, per unit (a trial without a unit counts 0 of it)."""
+    return {k: v / len(hours) for k, v in add_hours(*hours).items()}
+
+
+def _flat(prefix: str, h: Hours) -> dict[str, float]:
+    """{"gpu": 0.2} -> {"<prefix>_gpu_hours": 0.2}: names that carry the unit."""
+    return {f"{prefix}_{hours_name(k)}": v for k, v in h.items()}
+
+
+def group_hours(g: Mapping[str, Any], prefix: str) -> Hours:
+    """A group's `<prefix>_<kind>_hours` values back as {kind: hours}."""
+    tail = "_hours"
+    return {k[len(prefix) + 1:-len(tail)]: v for k, v in g.items()
+            if k.startswith(f"{prefix}_") and k.endswith(tail)}
+
+
+def _one_unit(a: Hours, b: Hours) -> bool:
+    return len(a) == 1 and a.keys() == b.keys()
+
+
+def _ratio(a: Hours, b: Hours) -> float | None:
+    """a / b when both are in one and the same unit and b > 0; else None (no ratio across
+    units)."""
+    if not _one_unit(a, b):
+        return None
+    (k,) = a
+    return a[k] / b[k] if b[k] else None
+
+
 def build(rows: Rows, dense: Dense) -> Report:
     """Group trials by (method, budget) and compute the cost comparison. Top-1 is as measured;
-    the best of a group is its best feasible trial (sweep.max_macs), if it has one."""
+    the best of a group is its best feasible trial (sweep.max_macs), if it has one. Costs are
+    kept per unit (GPU-hours, CPU-core-hours): nothing sums or divides across units."""
     recs = [r for r in map(as_record, rows) if r.top1 is not None and r.dense_macs]
-    share = dense.device_hours / max(len(recs), 1)
+    share = {dense.device_kind: dense.device_hours / max(len(recs), 1)} \
+        if dense.device_hours else {}
     groups: dict[tuple[str, str], list[TrialRecord]] = {}
     for r in recs:
         groups.setdefault((r.method, r.budget), []).append(r)
@@ -91,26 +143,26 @@ def build(rows: Rows, dense: Dense) -> Report:
                     "macs": statistics.fmean(r.macs for r in rs),
                     "macs_of_dense": statistics.fmean(r.macs / r.dense_macs for r in rs),
                     "params": statistics.fmean(r.params for r in rs),
-                    "search_h": statistics.fmean(r.search_device_hours for r in rs),
-                    "total_h": statistics.fmean(share + r.search_device_hours
-                                                + r.finetune_device_hours for r in rs)})
+                    **_flat("search", _mean_hours([r.phase_hours()["search"] for r in rs])),
+                    **_flat("total", _mean_hours([r.total_hours(share) for r in rs]))})
     comparison, metrics = [], {}
     for method in sorted({g["method"] for g in out}):
-        search = statistics.fmean(g["search_h"] for g in out if g["method"] == method)
-        vs_dense = search / dense.device_hours if dense.device_hours else None
+        search = _mean_hours([group_hours(g, "search") for g in out if g["method"] == method])
+        vs_dense = _ratio(search, dense.hours)
         comparison.append({"compare": f"{method} search vs dense training", "budget": "all",
-                           "a_h": search, "b_h": dense.device_hours, "ratio": vs_dense})
+                           "a_hours": search, "b_hours": dense.hours, "ratio": vs_dense})
         if vs_dense is not None:
             metrics[f"cost_ratio/{method}_search_vs_dense_training"] = vs_dense
-        metrics[f"search_device_hours/{method}"] = search
+        metrics.update({f"{k}/{method}": v for k, v in _flat("search", search).items()})
     by_key = {(g["method"], g["budget"]): g for g in out}
     for (method, budget), g in sorted(by_key.items()):
         ref = by_key.get((REFERENCE, budget))
         if method == REFERENCE or ref is None:
             continue
-        ratio = ref["search_h"] / g["search_h"] if g["search_h"] else None
+        a, b = group_hours(ref, "search"), group_hours(g, "search")
+        ratio = _ratio(a, b)
         comparison.append({"compare": f"{REFERENCE} vs {method} search", "budget": budget,
-                           "a_h": ref["search_h"], "b_h": g["search_h"], "ratio": ratio})
+                           "a_hours": a, "b_hours": b, "ratio": ratio})
         if ratio is not None:
             metrics[f"cost_ratio/{REFERENCE}_vs_{method}/{budget}"] = ratio
             metrics[f"top1_gain/{REFERENCE}_vs_{method}/{budget}"] = (
@@ -135,31 +187,41 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
     def sd(x: float | None) -> str:
         return "" if x is None else f" +/- {100 * x:.2f}"
 
+    search_kinds = kinds_in(*(group_hours(g, "search") for g in groups))
+    total_kinds = kinds_in(*(group_hours(g, "total") for g in groups))
     head = ["method", "budget", "trials", "top-1 mean", "top-1 best", "before FT", "MACs",
-            "of dense", "params", "search h", "total h"]
+            "of dense", "params", *(f"search {unit(k)}" for k in search_kinds),
+            *(f"total {unit(k)}" for k in total_kinds)]
     body = [[g["method"], g["budget"], str(g["trials"]), pct(g["top1_mean"]) + sd(g["top1_sd"]),
              pct(g["top1_best"]), pct(g["top1_before_ft"]), f"{g['macs'] / 1e6:.2f}M",
              f"{100 * g['macs_of_dense']:.1f}%", f"{g['params'] / 1e6:.3f}M",
-             f"{g['search_h']:.4f}", f"{g['total_h']:.4f}"]
+             *(f"{g.get(f'search_{hours_name(k)}', 0.0):.4f}" for k in search_kinds),
+             *(f"{g.get(f'total_{hours_name(k)}', 0.0):.4f}" for k in total_kinds)]
             for g in groups]
     if any(g["infeasible"] for g in groups):  # only sweeps with sweep.max_macs have any
         head.insert(3, "infeasible")
         for b, g in zip(body, groups, strict=True):
             b.insert(3, str(g["infeasible"]))
-    kind = f"{dense.device_kind}-hours"
-    lines = [f"== subnets per method and budget (costs in {kind}) ==", _table(head, body)]
+    units = " and ".join(unit(k) for k in kinds_in(dict.fromkeys(search_kinds + total_kinds),
+                                                    dense.hours if dense.device_hours else {}))
+    lines = [f"== subnets per method and budget (costs in {units}) ==", _table(head, body)]
     lines.append("   top-1 on the test set after the shared fine-tune: mean +/- sd over trials "
                  "(seeds); 'before FT' = right after extraction, mean; MACs and params: mean")
     if "infeasible" in head:
         lines.append("   infeasible = trials above sweep.max_macs: their top-1 is as measured, "
                      "and 'top-1 best' is the best feasible trial's when the group has one")
     lines.append(f"   dense: top-1 {pct(dense.top1)}, "
-                 f"{(dense.macs or 0) / 1e6:.2f}M MACs, trained in {dense.device_hours:.4f} "
-                 f"{kind} (shared by every trial; its share is in 'total h')")
-    cbody = [[c["compare"], c["budget"], f"{c['a_h']:.4f}", f"{c['b_h']:.4f}",
+                 f"{(dense.macs or 0) / 1e6:.2f}M MACs, trained in {format_hours(dense.hours)} "
+                 "(shared by every trial" + (f"; its share is in 'total {unit(dense.device_kind)}')"
+                                             if dense.device_hours else ")"))
+    lines.append("   device-hours: a lower bound (worker loops only), never summed across units")
+    cbody = [[c["compare"], c["budget"], format_hours(c["a_hours"]), format_hours(c["b_hours"]),
               "-" if c["ratio"] is None else f"{c['ratio']:.3f}"] for c in comparison]
-    lines += ["", f"== search cost comparison ({kind}) ==",
+    lines += ["", "== search cost comparison ==",
               _table(["comparison", "budget", "A", "B", "A / B"], cbody)]
+    if any(not _one_unit(c["a_hours"], c["b_hours"]) for c in comparison):
+        lines.append("   A / B '-': A and B are in different units (GPU-hours vs "
+                     "CPU-core-hours), no ratio")
     if not any(c["budget"] != "all" for c in comparison):
         lines.append("   no two-stage method in this sweep: the dense training cost is the "
                      "reference")
@@ -182,12 +244,14 @@ def plot_pareto(rows: Rows, dense: Dense, path: Path, title: str) -> Path:
 
     recs = [r for r in map(as_record, rows) if r.top1 is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    top_h = max([r.search_device_hours for r in recs] + [1e-9])
+    kinds = kinds_in(*(r.phase_hours()["search"] for r in recs))
+    top_h = {k: max([r.search_device_hours or 0.0 for r in recs if _kind(r) == k] + [1e-9])
+             for k in kinds}  # sizes are scaled per unit: GPU- and CPU-core-hours differ
     for method in sorted({r.method for r in recs}):
         rs = [r for r in recs if r.method == method]
         ax.scatter([r.macs / 1e6 for r in rs], [100 * r.top1 for r in rs],
-                   s=[30 + 370 * r.search_device_hours / top_h for r in rs], alpha=0.7,
-                   label=method, edgecolors="black", linewidths=0.5)
+                   s=[30 + 370 * (r.search_device_hours or 0.0) / top_h[_kind(r)] for r in rs],
+                   alpha=0.7, label=method, edgecolors="black", linewidths=0.5)
     if bad := [r for r in recs if not r.feasible]:
         ax.scatter([r.macs / 1e6 for r in bad], [100 * r.top1 for r in bad], marker="x", s=80,
                    c="red", label="infeasible (> max_macs)", zorder=3)
@@ -200,7 +264,8 @@ def plot_pareto(rows: Rows, dense: Dense, path: Path, title: str) -> Path:
                    edgecolors="black", label="dense", zorder=3)
     ax.set_xlabel("MACs per image (M)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{title}: top-1 vs MACs (marker area ~ search device-hours)", fontsize=9)
+    size = unit(kinds[0]) if len(kinds) == 1 else "hours, scaled per unit"
+    ax.set_title(f"{title}: top-1 vs MACs (marker area ~ search {size})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -208,6 +273,10 @@ def plot_pareto(rows: Rows, dense: Dense, path: Path, title: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _kind(r: TrialRecord) -> str:
+    return next(iter(r.phase_hours()["search"]))
 
 
 def write(report: Report, rows: Rows, dense: Dense, out: Path,
@@ -250,9 +319,7 @@ def from_mlflow(experiment: str, uri: str) -> tuple[list[TrialRecord], Dense, st
     if not parents:
         raise FileNotFoundError(f"experiment {experiment!r} at {uri} holds no sweep run")
     parent = parents[0]
-    pm = parent.data.metrics
-    dense = Dense(pm.get("dense_top1"), pm.get("dense_macs"), pm.get("pretrain_device_hours", 0),
-                  "gpu" if parent.data.params.get("scaling.use_gpu") == "True" else "cpu_core")
+    dense = dense_of_run(parent.data.metrics, parent.data.tags, parent.data.params)
     rows = []
     for run in client.search_runs(
             [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
@@ -261,6 +328,19 @@ def from_mlflow(experiment: str, uri: str) -> tuple[list[TrialRecord], Dense, st
             rows.append(TrialRecord.from_mlflow(run.info.run_id, run.data.metrics,
                                                 run.data.tags))
     return rows, dense, parent.info.run_id
+
+
+def dense_of_run(metrics: Mapping[str, float], tags: Mapping[str, str],
+                 params: Mapping[str, str]) -> Dense:
+    """The dense model of a sweep's parent run: its cost is `pretrain_<unit>` under the tag
+    `dense_device_kind` (the dense model may come from the cache, trained on another kind of
+    device than the sweep). Runs logged before: `pretrain_device_hours`, kind from the sweep's
+    scaling.use_gpu."""
+    kind = tags.get("dense_device_kind") or next(
+        (k for k in ("gpu", "cpu_core") if f"pretrain_{hours_name(k)}" in metrics),
+        "gpu" if params.get("scaling.use_gpu") == "True" else "cpu_core")
+    hours = metrics.get(f"pretrain_{hours_name(kind)}", metrics.get("pretrain_device_hours", 0))
+    return Dense(metrics.get("dense_top1"), metrics.get("dense_macs"), hours, kind)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sweep(cfg: Config, dense, resources: dict, summary: dict) -> int:
+    from orchestrator.records import as_record, format_hours
     from orchestrator.report import pareto_front
     from orchestrator.sweep import format_table, run_sweep
 
@@ -120,14 +121,19 @@ def _sweep(cfg: Config, dense, resources: dict, summary: dict) -> int:
     summary["sweep"] = {"trials": rows, "pareto_front": front}
     (cfg.run_dir / "result.json").write_text(json.dumps(summary, indent=2))
     keys = ["trial_id", *cfg.sweep.space, "top1", "top1_before_finetune", "macs", "params",
-            "search_device_hours"]
+            "search cost"]
+
+    def shown(rs: list[dict]) -> list[dict]:  # the search's device-hours with their unit
+        return [{**r, "search cost": format_hours(as_record(r).phase_hours()["search"])}
+                for r in rs]
+
     print(f"\n== sweep {cfg.name}: {len(rows)} finished trial(s) ==")
-    print(format_table(sorted(rows, key=lambda r: r.get("macs", 0)), keys))
+    print(format_table(shown(sorted(rows, key=lambda r: r.get("macs", 0))), keys))
     print(f"\n== Pareto front ({', '.join(f'{o.mode} {o.metric}' for o in cfg.sweep.objectives)})"
           " ==")
-    print(format_table(front, keys))
+    print(format_table(shown(front), keys))
     print(f"\n  dense        {_pct(dense.metrics.get('test_top1'))} top-1 (test), "
-          f"{dense.cost.device_hours:.4f} {dense.cost.device_kind}-hours, shared by every trial")
+          f"{format_hours(dense.cost.hours())}, shared by every trial")
     print(f"  summary      {cfg.run_dir / 'result.json'}")
     return 0
 
@@ -137,13 +143,15 @@ def _pct(x: float | None) -> str:
 
 
 def print_summary(cfg: Config, s: dict) -> None:
+    from orchestrator.records import add_hours, format_hours, unit
+
     d = s["pretrain"]
     m, c = d["metrics"], d["cost"]
     print("\n== dense model ==")
     print(f"  model        {cfg.model.name} ({'cached' if d['cached'] else 'trained now'}), "
           f"{m['epoch']} epoch(s)")
     print(f"  top-1        val {_pct(m.get('val_top1'))}  test {_pct(m.get('test_top1'))}")
-    print(f"  cost         {c['device_hours']:.4f} {c['device_kind']}-hours "
+    print(f"  cost         {c['device_hours']:.4f} {unit(c['device_kind'])} "
           f"({c['devices']:g} x {c['worker_seconds']:.0f} s)")
     print(f"  weights      {Path(d['path']) / 'model.safetensors'}")
     if "search" not in s:
@@ -155,10 +163,14 @@ def print_summary(cfg: Config, s: dict) -> None:
     print(f"  params       {f['params'] / 1e6:.3f} M")
     print(f"  top-1        before fine-tune {_pct(f.get('test_top1_before_finetune'))}, "
           f"after {_pct(ft.get('test_top1'))} (test)")
-    for phase in ("pretrain", "search", "finetune"):
-        pc = c if phase == "pretrain" else s[phase]["cost"]
+    costs = {phase: c if phase == "pretrain" else s[phase]["cost"]
+             for phase in ("pretrain", "search", "finetune")}
+    for phase, pc in costs.items():
         shared = " (cached: shared by every search)" if phase == "pretrain" else ""
-        print(f"  {phase:<12} {pc['device_hours']:.4f} {pc['device_kind']}-hours{shared}")
+        print(f"  {phase:<12} {pc['device_hours']:.4f} {unit(pc['device_kind'])}{shared}")
+    total = add_hours(*({pc["device_kind"]: pc["device_hours"]} for pc in costs.values()))
+    print(f"  total        {format_hours(total)} (per unit, never added across units; worker "
+          "loops only: a lower bound)")
     if f.get("note"):
         print(f"  note         {f['note']}")
     print(f"  exported     {s['search']['subnet']} (arch.json + model.safetensors)")

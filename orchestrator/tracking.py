@@ -2,12 +2,15 @@
 
 Only the orchestrator talks to MLflow (workers report through Ray Train). Layout:
 - parent run `sweep-<name>` (tag ofb_role=sweep): the whole config as params, code version,
-  the data set as a run input, the dense model (MACs, params, top-1, pretrain device-hours,
+  the data set as a run input, the dense model (MACs, params, top-1, pretrain device-hours as
+  `pretrain_gpu_hours` or `pretrain_cpu_core_hours` with the tag `dense_device_kind`,
   arch.json), at the end the report (table, cost comparison, Pareto PNG);
 - child run `trial-<id>` (tag mlflow.parentRunId): the trial's sampled hyperparameters,
   per-epoch curves of the search and the fine-tune (`search/...`, `finetune/...`, step=epoch),
-  final metrics (top-1, MACs, params, device-hours per phase incl. its share of the pretrain),
-  tags method/budget/status, the subnet as a pyfunc model and its arch.json;
+  final metrics (top-1, MACs, params, device-hours per phase incl. its share of the pretrain,
+  and the total per unit: `search_<unit>`, `finetune_<unit>`, `pretrain_share_<unit>`,
+  `total_<unit>` with unit `gpu_hours` or `cpu_core_hours`; GPU- and CPU-core-hours are never
+  added together), tags method/budget/status, the subnet as a pyfunc model and its arch.json;
 - the registry: per budget, the best subnet gets the aliases `best-<budget>` and
   `<method>-<budget>` on the registered model `<name>-subnet` (aliases, not stages).
 
@@ -29,7 +32,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.config import Config, ConfigError
-from orchestrator.records import TrialRecord, as_record, rank_key
+from orchestrator.records import DEFAULT_KIND, TrialRecord, as_record, hours_name, rank_key
 
 SUBNET_MODEL_CODE = Path(__file__).with_name("subnet_pyfunc.py")
 SEARCH_SPACE_CODE = Path(__file__).resolve().parents[1] / "search_space"
@@ -115,6 +118,7 @@ class Tracker:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}  # trial id -> run id
+        self.dense_kind: str | None = None  # the unit of the dense model's device-hours
 
     # -- runs ---------------------------------------------------------------------------
     def _find(self, filter_string: str) -> list:
@@ -127,6 +131,7 @@ class Tracker:
         found = self._find(f"tags.ofb_role = 'sweep' and tags.ofb_sweep_dir = '{where}'")
         if found:
             self.attach(found[0].info.run_id)
+            self.dense_kind = self.dense_kind or dense.cost.device_kind
             self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=f"sweep-{cfg.name}", tags={
@@ -145,6 +150,7 @@ class Tracker:
     def attach(self, parent_id: str) -> None:
         """Continue an existing sweep run and know its children by trial id."""
         self.parent_id = parent_id
+        self.dense_kind = self.client.get_run(parent_id).data.tags.get("dense_device_kind")
         for r in self._find(f"tags.`mlflow.parentRunId` = '{parent_id}'"):
             self.children[r.data.tags.get("trial_id", "")] = r.info.run_id
 
@@ -167,11 +173,13 @@ class Tracker:
                                                                    "train")])])
 
     def log_dense(self, run_id: str, dense: Any) -> None:
-        m = dense.metrics
+        m, kind = dense.metrics, dense.cost.device_kind
+        self.dense_kind = kind
         self._metrics(run_id, {
             "dense_macs": dense.macs,
             "dense_top1": m.get("test_top1"), "dense_val_top1": m.get("val_top1"),
-            "pretrain_device_hours": dense.cost.device_hours})
+            f"pretrain_{hours_name(kind)}": dense.cost.device_hours})
+        self.client.set_tag(run_id, "dense_device_kind", kind)
         self.client.log_artifact(run_id, str(dense.path / "arch.json"), "dense")
 
     def _metrics(self, run_id: str, values: dict[str, Any], step: int = 0,
@@ -199,8 +207,12 @@ class Tracker:
         self._metrics(run_id, {f"search/{k}": v for k, v in result.items()
                                if k in ("val_top1", "train_loss", "expected_macs")}, step)
 
-    def log_trial(self, run_id: str, rec: TrialRecord, pretrain_share: float) -> None:
-        """A finished trial: curves, final metrics, tags, the subnet model; run FINISHED."""
+    def log_trial(self, run_id: str, rec: TrialRecord, pretrain_share: float,
+                  pretrain_kind: str | None = None) -> None:
+        """A finished trial: curves, final metrics, tags, the subnet model; run FINISHED.
+
+        `pretrain_share`: the trial's share of the dense pretrain in `pretrain_kind` hours
+        (default: the dense model's kind logged on the sweep run)."""
         trial_dir, stamp = Path(rec.trial_dir or ""), 0
         for phase in ("search", "finetune"):
             f = trial_dir / phase / "result.json"
@@ -211,9 +223,11 @@ class Tracker:
                 self._metrics(run_id, {f"{phase}/{k}": v for k, v in h.items()
                                        if k not in _NOT_CURVES}, int(h.get("epoch", 0)), stamp)
         finals = rec.mlflow_metrics()
-        total = pretrain_share + rec.search_device_hours + rec.finetune_device_hours
-        finals.update(pretrain_share_device_hours=pretrain_share, total_device_hours=total,
-                      macs_fraction=rec.macs / rec.dense_macs)
+        share = {pretrain_kind or self.dense_kind or DEFAULT_KIND: pretrain_share}
+        finals.update({f"pretrain_share_{hours_name(k)}": v for k, v in share.items()})
+        finals.update({f"total_{hours_name(k)}": v
+                       for k, v in rec.total_hours(share).items()})  # per unit, never mixed
+        finals["macs_fraction"] = rec.macs / rec.dense_macs
         self._metrics(run_id, finals, 0, stamp or None)
         tags = rec.mlflow_tags()
         subnet = Path(rec.subnet_path)
@@ -316,7 +330,7 @@ def track_single(cfg: Config, dense: Any, result: TrialRecord) -> str:
                                         "finetune": cfg.finetune.model_dump()}))
     t._log_dataset(run_id)
     t.log_dense(run_id, dense)
-    t.log_trial(run_id, result, dense.cost.device_hours)
+    t.log_trial(run_id, result, dense.cost.device_hours, dense.cost.device_kind)
     return run_id
 
 
@@ -329,9 +343,13 @@ def _requirements() -> list[str]:
 class TrackingCallback(Callback):
     """Tune callback in the driver: child runs follow trials as they start, report, end."""
 
-    def __init__(self, tracker: Tracker, pretrain_share: float):
+    def __init__(self, tracker: Tracker, pretrain_share: float,
+                 pretrain_kind: str | None = None):
+        """`pretrain_share`: each trial's share of the dense pretrain, in `pretrain_kind` hours
+        (default: the dense model's kind, as the tracker logged it on the sweep run)."""
         self.cfg, self.parent_id = tracker.cfg, tracker.parent_id
         self.pretrain_share = pretrain_share
+        self.pretrain_kind = pretrain_kind or tracker.dense_kind
         self._tracker: Tracker | None = tracker
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
@@ -364,7 +382,7 @@ class TrackingCallback(Callback):
             run_id = self.tracker.child(trial.trial_id, dict(trial.config or {}))
             if result.get("phase") == "done":
                 rec = TrialRecord.from_row(result, hparam_keys=())
-                self.tracker.log_trial(run_id, rec, self.pretrain_share)
+                self.tracker.log_trial(run_id, rec, self.pretrain_share, self.pretrain_kind)
             else:
                 self.tracker.log_progress(run_id, result)
 

@@ -35,12 +35,14 @@ def test_groups_costs_and_ratios():
                       ("dense_control", "100pct")}
     ofb50 = g[("ofb", "50pct")]
     assert ofb50["trials"] == 2 and ofb50["top1_best"] == 0.88
-    assert ofb50["top1_mean"] == pytest.approx(0.87) and ofb50["search_h"] == pytest.approx(0.2)
+    assert ofb50["top1_mean"] == pytest.approx(0.87)
+    assert ofb50["search_cpu_core_hours"] == pytest.approx(0.2)  # rows without a kind: CPU
     assert ofb50["top1_sd"] == pytest.approx(0.02 ** 0.5 / 10)  # sample sd of 0.88, 0.86
     assert ofb50["top1_before_ft"] == pytest.approx(0.82) and g[("ofb", "30pct")]["top1_sd"] is None
     assert ofb50["macs_of_dense"] == pytest.approx(0.505)
     # total = the pretrain share (0.5 h over 5 trials) + search + fine-tune, averaged
-    assert ofb50["total_h"] == pytest.approx(0.1 + 0.2 + 0.01)
+    assert ofb50["total_cpu_core_hours"] == pytest.approx(0.1 + 0.2 + 0.01)
+    assert not any(k.startswith(("search_gpu", "total_gpu")) for k in ofb50)
     m = rep.metrics
     assert m["cost_ratio/ofb_vs_two_stage_taylor/50pct"] == pytest.approx(0.2 / 0.4)
     assert m["top1_gain/ofb_vs_two_stage_taylor/50pct"] == pytest.approx(0.02)  # mean - mean
@@ -49,7 +51,8 @@ def test_groups_costs_and_ratios():
     assert m["cost_ratio/ofb_search_vs_dense_training"] == pytest.approx((0.2 + 0.1) / 2 / 0.5)
     assert "87.00% +/- 1.41" in rep.text
     line = next(x for x in rep.text.splitlines() if x.startswith("ofb vs two_stage_taylor"))
-    assert line.split()[-4:] == ["50pct", "0.2000", "0.4000", "0.500"]
+    assert line.split()[-6:] == ["50pct", "0.2000", "CPU-core-hours", "0.4000", "CPU-core-hours",
+                                 "0.500"]
     assert "dense training cost is the reference" not in rep.text
     alone = build([r for r in ROWS if r["method"] == "ofb"], Dense(0.9, DENSE_MACS, 0.5))
     assert "dense training cost is the reference" in alone.text

@@ -70,7 +70,7 @@ def test_parent_and_child_runs(tracked_sweep, mlflow_server):
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40  # code version
     assert parent.inputs.dataset_inputs[0].dataset.name == "fashion_mnist"
     m = parent.data.metrics
-    assert m["dense_macs"] == dense.macs and m["pretrain_device_hours"] > 0
+    assert m["dense_macs"] == dense.macs and m["pretrain_cpu_core_hours"] > 0
     assert 0 < m["dense_top1"] <= 1
     assert m["cost_ratio/ofb_search_vs_dense_training"] > 0  # the cost comparison
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "report")} >= {
@@ -88,12 +88,13 @@ def test_parent_and_child_runs(tracked_sweep, mlflow_server):
         fm = ch.data.metrics
         assert fm["top1"] == pytest.approx(row["top1"]) and fm["macs"] == row["macs"]
         assert fm["params"] == row["params"]
-        for k in ("search_device_hours", "finetune_device_hours",
-                  "pretrain_share_device_hours"):
+        for k in ("search_cpu_core_hours", "finetune_cpu_core_hours",
+                  "pretrain_share_cpu_core_hours"):
             assert fm[k] > 0, k
-        assert fm["total_device_hours"] == pytest.approx(
-            fm["search_device_hours"] + fm["finetune_device_hours"]
-            + fm["pretrain_share_device_hours"])
+        assert fm["total_cpu_core_hours"] == pytest.approx(
+            fm["search_cpu_core_hours"] + fm["finetune_cpu_core_hours"]
+            + fm["pretrain_share_cpu_core_hours"])
+        assert not any(k.startswith("total_gpu") for k in fm)  # CPU only: one unit
         epochs = [x.step for x in c.get_metric_history(ch.info.run_id, "search/val_top1")]
         assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 1
         for curve in ("search/expected_macs", "search/live_candidates", "search/lambda",
