@@ -83,10 +83,18 @@ def load_subnet(folder: str | Path, device: str | torch.device = "cpu") -> Visio
     return model.eval()
 
 
+def dummy_input(model: nn.Module, arch: ViTArch, batch: int = 1) -> torch.Tensor:
+    """Zeros of the model's input shape, on the model's device: (batch, C, H, W)."""
+    device = next(model.parameters()).device
+    return torch.zeros(batch, arch.in_chans, arch.img_size, arch.img_size, device=device)
+
+
 def export_onnx(model: nn.Module, arch: ViTArch, path: str | Path, batch: int = 1) -> Path:
-    """ONNX export with a dynamic batch dimension (legacy TorchScript exporter: no extra deps)."""
+    """ONNX export with a dynamic batch dimension (legacy TorchScript exporter: no extra deps).
+
+    The dummy input is built on the model's device (a model on a GPU exports as it is)."""
     path = Path(path)
-    x = torch.zeros(batch, arch.in_chans, arch.img_size, arch.img_size)
+    x = dummy_input(model, arch, batch)
     fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
     for m, _ in fused:
         m.fused_attn = False

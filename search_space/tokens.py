@@ -61,7 +61,7 @@ def install_token_pruning(model: nn.Module, arch: ViTArch) -> None:
                              "over depth)")
         if list(kept) != prev:
             blk.register_buffer("token_index",
-                                torch.tensor([pos[u] for u in kept], device=dev),
+                                torch.tensor([pos[u] for u in kept]).to(dev),
                                 persistent=False)
             blk.register_forward_pre_hook(_gather)
         blk.register_buffer("token_scale", torch.ones(len(kept), device=dev))

@@ -7,7 +7,8 @@ Inside `StrictDevice()` (a TorchDispatchMode):
 - an op that mixes a StandIn with a CPU tensor of more than one element raises, as CUDA does
   (0-d CPU tensors are allowed, as on CUDA);
 - ops that force a host sync on CUDA are counted: `.item()`, `bool()`, `nonzero`, boolean-mask
-  indexing, copies back to the CPU (`.cpu()`, `.tolist()`).
+  indexing, copies back to the CPU (`.cpu()`, `.tolist()`), and blocking host -> device copies
+  (`.to(device)` without `non_blocking=True`: CUDA then synchronizes the stream).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class StandIn(torch.Tensor):
 
     def __init__(self, elem: torch.Tensor):
         self.elem = elem
+
+    @property
+    def is_meta(self) -> bool:  # it has data: code that skips meta tensors (nn.init) must not
+        return False
 
     def tolist(self) -> list:  # not an aten op: a device -> host copy on CUDA, a sync
         if _ACTIVE:
@@ -106,6 +111,8 @@ class StrictDevice(TorchDispatchMode):
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool
                 for i in (args[1] if len(args) > 1 else []) if i is not None)):
             self.syncs += on_dev
+        if _blocking_upload(func, args, kwargs, to_dev):
+            self.syncs += 1
         if to_dev:
             kwargs = {**kwargs, "device": torch.device("cpu")}
         out = func(*tree_map(_unwrap, args), **kwargs)
@@ -117,6 +124,17 @@ class StrictDevice(TorchDispatchMode):
         if on_dev or to_dev:
             return tree_map(_wrap, out)
         return out
+
+
+def _blocking_upload(func, args, kwargs, to_dev: bool) -> bool:
+    """A host -> device copy without non_blocking: CUDA's copy then waits for the stream."""
+    if func is aten._to_copy.default:
+        return to_dev and not isinstance(args[0], StandIn) and not kwargs.get("non_blocking")
+    if func is aten.copy_.default:
+        dst, src = args[0], args[1]
+        blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        return isinstance(dst, StandIn) and not isinstance(src, StandIn) and blocking
+    return False
 
 
 def _unwrap(a):

@@ -94,12 +94,15 @@ def train_one_epoch(
     model.train()
     st = EpochStats()
     t0 = time.perf_counter()
-    loss_sum = correct = 0.0
+    # running sums stay on the device; they reach the host only at `progress` and at the end
+    # (one transfer each), so a step forces no device -> host sync of its own
+    sums: dict[str, torch.Tensor] = {}
     for i, (images, targets) in enumerate(loader):
         if max_steps is not None and i >= max_steps:
             break
         step = step_offset + i
-        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
         with autocast(device, precision):
             if method is None:
                 logits = model(images)  # (B, num_classes)
@@ -120,22 +123,35 @@ def train_one_epoch(
             if rewrap is not None:
                 model = rewrap(getattr(model, "module", model))
         b = targets.shape[0]
-        loss_sum += loss.item() * b
-        correct += (logits.argmax(-1) == targets).sum().item()
-        for k, v in extra.items():
-            st.terms[k] = st.terms.get(k, 0.0) + float(v.detach()) * b
+        with torch.no_grad():
+            _accumulate(sums, {"loss": loss, "correct": (logits.argmax(-1) == targets).sum(),
+                               **{f"term/{k}": v for k, v in extra.items()}}, b)
         st.images += b
         st.steps += 1
         if progress is not None and progress_every and st.steps % progress_every == 0:
-            st.seconds = time.perf_counter() - t0
-            st.loss, st.top1 = loss_sum / st.images, correct / st.images
+            _fill(st, sums, time.perf_counter() - t0)
             progress(st.steps, st)
-    st.seconds = time.perf_counter() - t0
+    _fill(st, sums, time.perf_counter() - t0)
     st.model = model
-    n = max(st.images, 1)
-    st.loss, st.top1 = loss_sum / n, correct / n
-    st.terms = {k: v / n for k, v in st.terms.items()}
     return st
+
+
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor], b: int) -> None:
+    """sums[k] += values[k] * b (the count of correct predictions is already a sum)."""
+    for k, v in values.items():
+        v = v.detach().float() * (1 if k == "correct" else b)
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def _fill(st: EpochStats, sums: dict[str, torch.Tensor], seconds: float) -> None:
+    """Per-image means of the running sums, with one device -> host transfer."""
+    keys = sorted(sums)
+    host = torch.stack([sums[k] for k in keys]).tolist() if keys else []
+    vals = dict(zip(keys, host, strict=True))
+    n = max(st.images, 1)
+    st.seconds = seconds
+    st.loss, st.top1 = vals.get("loss", 0.0) / n, vals.get("correct", 0.0) / n
+    st.terms = {k.removeprefix("term/"): v / n for k, v in vals.items() if k.startswith("term/")}
 
 
 @torch.no_grad()

@@ -49,19 +49,23 @@ def unit_mask(S: torch.Tensor, V: torch.Tensor, lam: float, alive: torch.Tensor)
     return (lam * torch.sigmoid(S) + (1.0 - lam) * V) * alive.to(S.dtype)
 
 
-def one_hot_loss(p: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def one_hot_loss(p: torch.Tensor, live: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """Adaptive one-hot loss H(p) + clamp(cot(pi * var(p) / var_max)) / n over live candidates.
 
     var(p) = sum_i (p_i - mean p)^2 and var_max = 1 - 1/n (its one-hot value), n = live count:
     var_max shrinks as candidates are eliminated, which is what makes the loss adaptive. With
     one live candidate the module is decided and the loss is 0.
+
+    Computed over all candidates with the dead ones masked out (their p is exactly 0), not by
+    boolean indexing, so a step needs no device -> host sync; pass the live count `n` when the
+    caller knows it (else it is read from `live`, a sync).
     """
-    n = int(live.sum())
+    n = int(live.sum()) if n is None else n
     if n <= 1:
         return p.sum() * 0.0
-    q = p[live]
-    entropy = -(q * torch.log(q.clamp_min(1e-12))).sum()
-    var = ((q - q.mean()) ** 2).sum()
+    keep = live.to(p.dtype)
+    entropy = -(p * torch.log(p.clamp_min(1e-12)) * keep).sum()
+    var = (((p - 1.0 / n) ** 2) * keep).sum()  # the live p sum to 1: their mean is 1/n
     var_max = 1.0 - 1.0 / n
     ratio = (var / var_max).clamp(1e-6, 1 - 1e-6)
     cot = torch.cos(math.pi * ratio) / torch.sin(math.pi * ratio)

@@ -51,13 +51,15 @@ class SearchableAttention(SearchableMixin, Attention):
         new.load_state_dict(attn.state_dict())
         heads, dims = head_candidates(attn.num_heads), dim_candidates(attn.head_dim, multiple)
         cells = [(h, d) for h in heads for d in dims]
-        new.register_buffer("cand_heads", torch.tensor([c[0] for c in cells], device=dev))
-        new.register_buffer("cand_dims", torch.tensor([c[1] for c in cells], device=dev))
+        new.register_buffer("cand_heads", torch.tensor([c[0] for c in cells]).to(dev))
+        new.register_buffer("cand_dims", torch.tensor([c[1] for c in cells]).to(dev))
+        new._cells = cells
         new._init_search((attn.num_heads, attn.head_dim), len(cells), dev)
         return new  # self.scale (1/sqrt(dense head dim)) is kept through every slice
 
     def _widest(self) -> tuple[int, int]:
-        return int(self.cand_heads[self.live].max()), int(self.cand_dims[self.live].max())
+        cells = self._live_values(self._cells)
+        return max(h for h, _ in cells), max(d for _, d in cells)
 
     def _ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
         head_score = torch.sigmoid(self.S).sum(-1)  # (H,)
@@ -74,7 +76,7 @@ class SearchableAttention(SearchableMixin, Attention):
     def expected_width(self) -> torch.Tensor:
         """E[heads * dims]: the expected q/k/v width, for the MACs loss."""
         if self.is_finished:
-            return torch.tensor(float(self.attn_dim), device=self.S.device)
+            return self.S.new_full((), float(self.attn_dim)).detach()  # a fill: no host copy
         return (self.probs() * (self.cand_heads * self.cand_dims).to(self.S.dtype)).sum()
 
     def _slice_units(self, optimizer) -> None:

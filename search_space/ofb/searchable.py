@@ -41,17 +41,29 @@ class SearchableMixin:
         self.register_buffer("live", torch.ones(n_candidates, dtype=torch.bool, device=device))
         self.register_buffer("finished", torch.zeros((), dtype=torch.bool, device=device))
         self.register_buffer("frozen", torch.ones(S_shape, device=device))
+        self._host_live, self._host_finished = [True] * n_candidates, False
+        self.register_load_state_dict_post_hook(lambda m, _: m._refresh_host())
+
+    def _refresh_host(self) -> None:
+        """Mirror `live` and `finished` on the host. They change only at elimination, finish and
+        load; the per-step questions (finished? widest? how many live?) then need no device ->
+        host round trip, which on a GPU is a stall per question (87 per step before)."""
+        self._host_live = [bool(v) for v in self.live.tolist()]
+        self._host_finished = bool(self.finished)
 
     # --- questions the loop asks -------------------------------------------------------
     @property
     def is_finished(self) -> bool:
-        return bool(self.finished)
+        return self._host_finished
 
     def probs(self) -> torch.Tensor:
         return bimask.probs(self.alpha, self.live, self.temperature)
 
     def n_live(self) -> int:
-        return int(self.live.sum())
+        return sum(self._host_live)
+
+    def _live_values(self, values: list) -> list:
+        return [v for v, alive in zip(values, self._host_live, strict=True) if alive]
 
     def mask(self) -> torch.Tensor:
         """Current per-unit multiplier (shape of S)."""
@@ -67,7 +79,7 @@ class SearchableMixin:
         expected MACs are far from the budget)."""
         if self.is_finished:
             return self.S.sum() * 0.0
-        oh = bimask.one_hot_loss(self.probs(), self.live) * one_hot_weight
+        oh = bimask.one_hot_loss(self.probs(), self.live, self.n_live()) * one_hot_weight
         return self.loss_weight * (oh + self.l1_coef * torch.sigmoid(self.S).sum())
 
     def eliminate(self, factor: float = 0.2, slice_weights: bool = True,
@@ -81,6 +93,7 @@ class SearchableMixin:
             return False
         before = self._widest()
         self.live &= ~drop
+        self._refresh_host()
         if slice_weights and self._widest() != before:
             self.slice_to_widest(optimizer)
         return True
@@ -95,9 +108,11 @@ class SearchableMixin:
             keep = torch.zeros_like(self.live)
             keep[torch.argmax(self.probs())] = True
             self.live.copy_(keep)
+            self._refresh_host()
             self._slice_units(optimizer)
             self.frozen = self.mask().detach().clone()
             self.finished.fill_(True)
+            self._host_finished = True
         self.alpha.requires_grad_(False)
         self.S.requires_grad_(False)
 
@@ -133,7 +148,8 @@ class VectorUnits(SearchableMixin):
     widths, S has shape (n,), and unit u survives iff its rank by S is below the width."""
 
     def _init_widths(self, widths: list[int], device: torch.device | None) -> None:
-        self.register_buffer("cand_widths", torch.tensor(widths, device=device))
+        self.register_buffer("cand_widths", torch.tensor(widths).to(device))
+        self._widths = list(widths)
         self._init_search((widths[-1],), len(widths), device)
 
     def n_units(self) -> int:
@@ -141,7 +157,7 @@ class VectorUnits(SearchableMixin):
         return self.S.shape[0]
 
     def _widest(self) -> tuple[int]:
-        return (int(self.cand_widths[self.live].max()),)
+        return (max(self._live_values(self._widths)),)
 
     def _survival(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         W = bimask.survival(p, self.cand_widths, self.n_units())  # (n,)
@@ -150,7 +166,7 @@ class VectorUnits(SearchableMixin):
 
     def expected_width(self) -> torch.Tensor:
         if self.is_finished:
-            return torch.tensor(float(self.n_units()), device=self.S.device)
+            return self.S.new_full((), float(self.n_units())).detach()  # a fill: no host copy
         return (self.probs() * self.cand_widths.to(self.S.dtype)).sum()
 
 

@@ -182,6 +182,7 @@ class SearchableViT(nn.Module):
         """
         for name, m in self.named_searchable():
             m.live.copy_(state[f"{name}.live"])
+            m._refresh_host()
             m.resize_(m._widest())
         self.load_state_dict(state)
         for m in self.searchable():

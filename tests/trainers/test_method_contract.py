@@ -42,7 +42,7 @@ def _batches() -> list:
     return list(make_loader(s.train, 16, shuffle=False, drop_last=True))[:STEPS + 1]
 
 
-def _build(name: str, dense_arch: ViTArch):
+def _build(name: str, dense_arch: ViTArch, dense: torch.nn.Module | None = None):
     cfg = SearchConfig(method=name, budget=0.5, epochs=1, lr=1e-3, lr_warmup_epochs=0,
                        # OFB eliminates (and slices) before the checkpoint: the restore must
                        # reshape the supernet first
@@ -51,7 +51,7 @@ def _build(name: str, dense_arch: ViTArch):
                        two_stage={"score_batches": STEPS})
     method = get_method(name)(cfg, 4, dense_arch)
     method.setup(CPU)
-    model = method.wrap(_dense())
+    model = method.wrap(_dense() if dense is None else dense)
 
     def make_optimizer(m):
         return torch.optim.AdamW(method.param_groups(m), lr=cfg.lr), None

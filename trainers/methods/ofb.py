@@ -132,12 +132,17 @@ class OFB(SearchMethod):
             return {"ce": ce}
         rel = (sn.expected_macs() - self.target_macs) / self.dense_macs
         tol = self.opts.macs_tolerance
-        on_budget = tol is None or abs(float(rel.detach())) <= tol
+        on_budget = 1.0
         if tol is not None:  # outside the tolerance the MACs weight grows, inside it relaxes
-            w0 = self.opts.macs_loss_weight
-            self.macs_weight = (max(w0, self.macs_weight / 1.01) if on_budget
-                                else min(w0 * 1000, self.macs_weight * 1.01))
-        search = sum(m.search_loss(1.0 if on_budget else 0.0) for m in sn.searchable())
+            # kept on the device (0-d tensors): deciding on the host would stall every step
+            on = rel.detach().abs() <= tol
+            w0, w = self.opts.macs_loss_weight, self.macs_weight
+            if not torch.is_tensor(w):  # after init or a restore: a fill, not a host copy
+                w = torch.full_like(rel.detach(), w)
+            self.macs_weight = torch.where(on, torch.clamp(w / 1.01, min=w0),
+                                           torch.clamp(w * 1.01, max=w0 * 1000))
+            on_budget = on.to(rel.dtype)
+        search = sum(m.search_loss(on_budget) for m in sn.searchable())
         out = {"ce": ce, "search": search, "macs": self.macs_weight * rel**2}
         if aux is not None:
             patch_mask, recon = aux
@@ -211,7 +216,7 @@ class OFB(SearchMethod):
             "live_per_module": live,
             "finished_modules": sum(m.is_finished for m in sn.searchable()),
             "lambda": self.lam(self.step),
-            "macs_loss_weight": self.macs_weight,
+            "macs_loss_weight": float(self.macs_weight),
             "mask_ratio": self.mask_ratio(self.step, model),
         }
 
@@ -219,7 +224,7 @@ class OFB(SearchMethod):
         unwrap(model).load_search_state(weights)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "macs_weight": self.macs_weight}
+        return {"step": self.step, "macs_weight": float(self.macs_weight)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.macs_weight = int(state["step"]), float(state["macs_weight"])
