@@ -26,17 +26,24 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs with native bf16, fp32 on the CPU.
+    """'auto' -> bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp32.
 
-    On the CPU bf16 autocast is not reliably faster: bench/train_throughput.py measured it at
-    0.85-0.88x of fp32 on this project's 2-core AVX512 machine for the default ViT. Users whose
-    CPUs have AMX can ask for `scaling.precision=bf16` explicitly.
+    `torch.cuda.is_bf16_supported()` also says yes on pre-Ampere GPUs, where bf16 is emulated
+    and slower than fp32, so the capability is checked instead. On the CPU bf16 autocast is not
+    reliably faster: bench/train_throughput.py measured it at 0.85-0.91x of fp32 on this
+    project's 2-core AVX512 machine for the default ViT. Users whose CPUs have AMX can ask for
+    `scaling.precision=bf16` explicitly.
     """
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if native_bf16(torch.cuda.get_device_capability(device)) else "fp32"
     return "fp32"
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores: Ampere (8.0) and later."""
+    return tuple(capability) >= (8, 0)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float,
@@ -158,17 +165,24 @@ def _fill(st: EpochStats, sums: dict[str, torch.Tensor], seconds: float) -> None
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
              precision: str = "fp32") -> dict[str, float]:
     """Top-1 and mean cross-entropy, summed over this worker's shard (`correct`, `count` kept so
-    callers can all-reduce them)."""
+    callers can all-reduce them). Sums stay on the device until the end: one host transfer."""
     model.eval()
-    correct = loss_sum = count = 0.0
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
     for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        correct += (logits.argmax(-1) == targets).sum().item()
+        _accumulate(sums, {"loss_sum": F.cross_entropy(logits.float(), targets,
+                                                       reduction="sum"),
+                           "correct": (logits.argmax(-1) == targets).sum()}, 1)
         count += targets.shape[0]
-    return {"correct": correct, "count": count, "loss_sum": loss_sum,
+    keys = sorted(sums)
+    host = dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist() if keys else [],
+                    strict=True))
+    correct, loss_sum = host.get("correct", 0.0), host.get("loss_sum", 0.0)
+    return {"correct": correct, "count": float(count), "loss_sum": loss_sum,
             "top1": correct / max(count, 1), "loss": loss_sum / max(count, 1)}
 
 

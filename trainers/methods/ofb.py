@@ -95,8 +95,15 @@ class OFB(SearchMethod):
                                       self.opts.mask_ratio)
 
     # --- interface ---------------------------------------------------------------------------
+    @property
+    def pmim_on(self) -> bool:
+        return self.opts.mask_ratio > 0 or self.opts.mask_ratio_start > 0
+
     def wrap(self, dense: nn.Module) -> SearchableViT:
-        return SearchableViT(dense, self.opts.width_multiple)
+        sn = SearchableViT(dense, self.opts.width_multiple)
+        if not self.pmim_on:  # PMIM off: the decoder and mask token would never get gradients
+            sn.freeze_decoder()
+        return sn
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         sn: SearchableViT = unwrap(model)
@@ -118,8 +125,11 @@ class OFB(SearchMethod):
         sn: SearchableViT = unwrap(model)
         sn.set_schedule(self.lam(step), self.opts.temperature)
         ratio = self.mask_ratio(step, model)
-        if ratio <= 0:
+        if ratio <= 0 and not any(p.requires_grad for p in sn.decoder_params()):
             return model(images), None
+        # a step at ratio 0 with a trainable decoder (e.g. mask_ratio_start=0) still runs it,
+        # on no masked patch: zero gradients, but gradients, which DDP needs from every
+        # parameter at every step
         n = sn.dense_arch.num_patches
         patch_mask = pmim.random_patch_mask(images.shape[0], n, ratio, images.device)
         logits, recon = model(images, patch_mask)
