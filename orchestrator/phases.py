@@ -118,6 +118,10 @@ def fit_phase(cfg: Config, loop, loop_config: dict[str, Any], name: str,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or None,
+            # Train's INFO lines (a metrics dict per rank per report, worker-group set-up)
+            # drown our progress lines; warnings and errors (a worker restart) still show,
+            # and Ray's log files under the session folder keep everything
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     t0 = time.perf_counter()

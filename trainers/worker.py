@@ -7,6 +7,7 @@ calls it the same number of times); only rank 0 writes the checkpoint folder.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,8 +37,27 @@ class WorkerEnv:
         return self.rank == 0
 
 
+class _QuietRayTrain(logging.Filter):
+    """Drop INFO records from Ray Train's own source files. `RunConfig.logging_config` quiets
+    the `ray.train` loggers, but Train V2 logs every report ("Reporting training result ...", a
+    metrics dict per rank per epoch) through a logger named by its file path, which reaches
+    the root logger's console handler and drowns our progress lines."""
+
+    root = str(Path(ray.train.__file__).parent)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.root)
+
+
+def quiet_ray_train() -> None:
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, _QuietRayTrain) for f in h.filters):
+            h.addFilter(_QuietRayTrain())
+
+
 def setup_worker(scaling: Any, seed: int) -> WorkerEnv:
-    """Threads, device, precision and seeds for this worker."""
+    """Threads, device, precision and seeds for this worker (and a quieter console)."""
+    quiet_ray_train()
     ctx = ray.train.get_context()
     if not scaling.use_gpu:
         torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
