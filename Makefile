@@ -37,6 +37,7 @@ lint: install
 bench: install data  ## benchmark scripts: print measured ratios (not tests)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/search_overhead.py
+	$(PY) bench/syncs.py
 
 clean:
 	rm -rf runs .pytest_cache
