@@ -35,14 +35,46 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_machine_fits(cfg: Config, cpus: float | None = None, gpus: int | None = None) -> None:
+    """Ray embedded on this machine never grows: a trial that needs more CPUs or GPUs than it has
+    would wait forever for its workers, so refuse it before Ray starts. (A cluster address is
+    not checked here: an autoscaling cluster adds nodes for waiting workers.)"""
+    from orchestrator.ray_setup import resolve_address
+
+    if resolve_address(cfg.ray.address) is not None:
+        return
+    s = cfg.scaling
+    cpus = float(len(os.sched_getaffinity(0))) if cpus is None else cpus
+    need_cpu = s.num_workers * s.cpus_per_worker
+    if need_cpu > cpus:
+        raise ConfigError(
+            f"scaling.num_workers={s.num_workers} x scaling.cpus_per_worker="
+            f"{s.cpus_per_worker:g} needs {need_cpu:g} CPUs; this machine has {cpus:g} (Ray "
+            "runs embedded: pass --address to use a cluster)")
+    if s.use_gpu:
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        need = s.num_workers * s.gpus_per_worker
+        if need > gpus:
+            raise ConfigError(
+                f"scaling.use_gpu=true with scaling.num_workers={s.num_workers} x "
+                f"scaling.gpus_per_worker={s.gpus_per_worker:g} needs {need:g} GPUs; this "
+                f"machine has {gpus} visible to torch (Ray runs embedded: pass --address to use "
+                "a cluster, or set scaling.use_gpu=false)")
+
+
 def preflight(cfg: Config) -> None:
-    """Checks that need no Ray: the model builds (on the meta device), the data is there, and
-    one real training image has the model's input shape (else every worker would fail)."""
+    """Checks that need no Ray: the trial fits this machine (embedded Ray), the model builds (on
+    the meta device), the data is there, and one real training image has the model's input
+    shape (else every worker would fail)."""
     from search_space.arch import ViTArch
     from search_space.cost import cost_of
     from trainers.data import build_splits, check_fits
     from trainers.model_factory import build_dense
 
+    check_machine_fits(cfg)
     model = build_dense(cfg, device="meta", pretrained=False)
     if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).expanduser().is_file():
         raise ConfigError(f"model.pretrained_file={cfg.model.pretrained_file!r} does not exist")

@@ -177,3 +177,20 @@ def test_cluster_shape_reads_the_head_nodes_autoscaler_config(tmp_path, monkeypa
     (tmp_path / "boot.yaml").write_text((ROOT / "cluster.yaml").read_text())
     monkeypatch.setattr(sweep, "BOOTSTRAP_CONFIG", tmp_path / "boot.yaml")
     assert sweep.cluster_shape(cfg, {"CPU": 8}) == ClusterShape.from_launcher(CLUSTER)
+
+
+def test_embedded_ray_refuses_a_trial_this_machine_cannot_hold():
+    """Ray embedded never grows: a GPU trial on a machine without GPUs (or more CPUs than it
+    has) would wait forever for its workers; refused before Ray starts, with the numbers."""
+    from orchestrator.run import check_machine_fits
+
+    gpu = load_config(None, ["scaling.use_gpu=true", "scaling.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"needs 2 GPUs; this machine has 0"):
+        check_machine_fits(gpu, cpus=2, gpus=0)
+    check_machine_fits(gpu, cpus=2, gpus=2)
+    cpu = load_config(None, ["scaling.num_workers=3"])
+    with pytest.raises(ConfigError, match=r"needs 3 CPUs; this machine has 2"):
+        check_machine_fits(cpu, cpus=2, gpus=0)
+    check_machine_fits(cpu, cpus=4, gpus=0)
+    remote = load_config(None, ["scaling.use_gpu=true", "ray.address=auto"])
+    check_machine_fits(remote, cpus=2, gpus=0)  # a cluster may scale up: not checked here
