@@ -194,6 +194,9 @@ def killed_worker(tmp: Path, gpu: bool, workers: int) -> str:
         "search.epochs": 4, "name": "smoke_kill"}))
     dense = run_pretrain(cfg)
     run_dir = cfg.run_dir / "ray" / f"search-{cfg.search_key()}"
+    print("[smoke] one Train worker is SIGKILLed after the first checkpoint: Ray then prints "
+          "the dead worker's and its peer's tracebacks (expected); the search must resume",
+          flush=True)
     res = run_and_kill_after_checkpoint(lambda: run_search(cfg, dense), run_dir)
     if res.final["resumed_from_epoch"] < 1:
         raise AssertionError("the search restarted from scratch, not from its checkpoint")
