@@ -83,7 +83,7 @@ def main() -> None:
           f"{spec['depth']}), {a.steps} steps of batch {a.batch}, stand-in device:")
     for name in [None, *(a.methods if a.methods is not None else list_methods())]:
         counts = per_step(name, spec, batches, a.steps)
-        print(f"  {name or 'supervised':<12} mean {statistics.fmean(counts):5.2f}  "
+        print(f"  {name or 'supervised':<20} mean {statistics.fmean(counts):5.2f}  "
               f"median {statistics.median(counts):4.0f}  max {max(counts):4d}  "
               f"(goal <= 5 mean)", flush=True)
 

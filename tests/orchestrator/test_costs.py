@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from orchestrator.pareto_plot import plot_pareto
 from orchestrator.records import TrialRecord, add_hours, format_hours
-from orchestrator.report import Dense, build, dense_of_run, plot_pareto
+from orchestrator.report import Dense, build, dense_of_run
 
 DENSE_MACS = 1_000_000
 

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.config import load_config
+from orchestrator.pareto_plot import plot_pareto
 from orchestrator.records import OBJECTIVE_TOP1, TrialRecord, as_record
-from orchestrator.report import TOP1_VS_MACS, Dense, build, pareto_front, plot_pareto
+from orchestrator.report import TOP1_VS_MACS, Dense, build, pareto_front
 
 DENSE_MACS = 1_000_000
 
