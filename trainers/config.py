@@ -121,7 +121,8 @@ class SearchRecipe(_Section):
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(1e-3, ge=0, description="on >= 2-D weights (trainers/optim.py)")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    grad_clip: float | None = Field(5.0, gt=0)
+    grad_clip: float | None = Field(None, gt=0, description="ours: clip the gradient norm of "
+                                    "all parameters; null = none (as every published search)")
 
     @field_validator("method")
     @classmethod

@@ -146,6 +146,8 @@ def search_loop(config: dict[str, Any]) -> None:
     final: dict[str, Any] = {"phase": "search_done", "epoch": len(history),
                              "macs": cost.macs, "params": cost.params,
                              "dense_macs": cost_of(dense_arch).macs, "note": note,
+                             "argmax_modules": method.decided_by_argmax,
+                             "additions": method.additions(),
                              "target_macs": method.target_macs,
                              "resumed_from_epoch": resumed_from, "node_id": worker.node_id()}
     if splits.val is not None:

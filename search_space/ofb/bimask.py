@@ -7,13 +7,15 @@ survival value is V_u = W[rank(u)] with units ranked by S; its mask is
 m_u = lambda * sigmoid(S_u) + (1 - lambda) * V_u.
 
 Decisions where the paper leaves a choice:
-- One-hot temperature T (our knob, not in the published code) divides alpha before the softmax;
-  T = 1 is the published loss exactly. T < 1 sharpens p (faster elimination), T > 1 flattens it.
+- One-hot temperature T (our knob, not in the published code) divides alpha in the one-hot loss
+  only; the masks, the MACs loss and elimination use softmax(alpha). T = 1 is published.
 - Units that no live candidate keeps get a hard 0 mask. The published code removes them by
   slicing at the same moment, so this changes nothing in the method, and it makes slicing
   exactly output-preserving.
-- The cot term of the one-hot loss is +inf at uniform p and -inf at one-hot p; we clamp it to
-  [-COT_CLAMP, COT_CLAMP] before dividing by n.
+- The cot term of the one-hot loss is +inf at uniform p and -inf at one-hot p. As the published
+  code (tan(pi/2 - pi r) / n, no clamp) we guard only those exact endpoints, clamping the ratio
+  r = var/var_max to [RATIO_EPS, 1 - RATIO_EPS]; the cot value is never clamped (at +-10 it
+  zeroed the gradient for every r below 0.032, i.e. from the U[0,1) alpha start).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 
 import torch
 
-COT_CLAMP = 10.0
+RATIO_EPS = 1e-4
 
 
 def probs(alpha: torch.Tensor, live: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -50,7 +52,7 @@ def unit_mask(S: torch.Tensor, V: torch.Tensor, lam: float, alive: torch.Tensor)
 
 
 def one_hot_loss(p: torch.Tensor, live: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """Adaptive one-hot loss H(p) + clamp(cot(pi * var(p) / var_max)) / n over live candidates.
+    """Adaptive one-hot loss H(p) + cot(pi * var(p) / var_max) / n over live candidates.
 
     var(p) = sum_i (p_i - mean p)^2 and var_max = 1 - 1/n (its one-hot value), n = live count:
     var_max shrinks as candidates are eliminated, which is what makes the loss adaptive. With
@@ -67,9 +69,9 @@ def one_hot_loss(p: torch.Tensor, live: torch.Tensor, n: int | None = None) -> t
     entropy = -(p * torch.log(p.clamp_min(1e-12)) * keep).sum()
     var = (((p - 1.0 / n) ** 2) * keep).sum()  # the live p sum to 1: their mean is 1/n
     var_max = 1.0 - 1.0 / n
-    ratio = (var / var_max).clamp(1e-6, 1 - 1e-6)
+    ratio = (var / var_max).clamp(RATIO_EPS, 1 - RATIO_EPS)
     cot = torch.cos(math.pi * ratio) / torch.sin(math.pi * ratio)
-    return entropy + cot.clamp(-COT_CLAMP, COT_CLAMP) / n
+    return entropy + cot / n
 
 
 def linear_schedule(step: int, warmup_steps: int, start: float, end: float) -> float:

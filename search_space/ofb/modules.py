@@ -1,7 +1,7 @@
 """Searchable attention and MLP: timm's modules plus OFB's bi-mask, keeping the trained weights.
 
 Candidate lists (METHODS.md section 1, with our choice for small head counts):
-- attention, joint mode: heads in range(2, H+1, 2) when H >= 6 (DeiT-S/B as published), else
+- attention, joint mode: heads in range(2, H+1, 2) when H >= 4 (as published), else
   range(1, H+1) (the published list is [2] for DeiT-T's H=3); dims per head in
   range(d/4, d+1, max(d/8, 1)). One alpha per (heads, dims) cell. S has shape (H, d); the same
   (H, d) mask scales q, k and v.
@@ -24,7 +24,9 @@ from search_space.slicing import along, slice_param_
 
 
 def head_candidates(H: int) -> list[int]:
-    return list(range(2, H + 1, 2)) if H >= 6 else list(range(1, H + 1))
+    """range(2, H+1, 2) as published for H >= 4; for H < 4 (where it gives [2] or nothing)
+    range(1, H+1)."""
+    return list(range(2, H + 1, 2)) if H >= 4 else list(range(1, H + 1))
 
 
 def dim_candidates(d: int, multiple: int = 1) -> list[int]:

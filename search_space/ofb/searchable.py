@@ -35,7 +35,8 @@ class SearchableMixin:
 
     def _init_search(self, S_shape: tuple[int, ...], n_candidates: int,
                      device: torch.device | None) -> None:
-        self.alpha = nn.Parameter(torch.rand(n_candidates, device=device) * 1e-3)  # ~uniform
+        # U[0,1) as published: p starts off uniform enough for the one-hot loss to act at once
+        self.alpha = nn.Parameter(torch.rand(n_candidates, device=device))
         self.S = nn.Parameter(nn.init.trunc_normal_(torch.empty(S_shape, device=device),
                                                     std=0.2, a=-0.4, b=0.4))
         self.register_buffer("live", torch.ones(n_candidates, dtype=torch.bool, device=device))
@@ -57,6 +58,11 @@ class SearchableMixin:
         return self._host_finished
 
     def probs(self) -> torch.Tensor:
+        """softmax(alpha) over the live candidates: masks, the MACs loss and elimination."""
+        return bimask.probs(self.alpha, self.live)
+
+    def one_hot_probs(self) -> torch.Tensor:
+        """softmax(alpha / T): the one-hot loss only (T = 1 as published)."""
         return bimask.probs(self.alpha, self.live, self.temperature)
 
     def n_live(self) -> int:
@@ -79,7 +85,7 @@ class SearchableMixin:
         expected MACs are far from the budget)."""
         if self.is_finished:
             return self.S.sum() * 0.0
-        oh = bimask.one_hot_loss(self.probs(), self.live, self.n_live()) * one_hot_weight
+        oh = bimask.one_hot_loss(self.one_hot_probs(), self.live, self.n_live()) * one_hot_weight
         return self.loss_weight * (oh + self.l1_coef * torch.sigmoid(self.S).sum())
 
     def eliminate(self, factor: float = 0.2, slice_weights: bool = True,

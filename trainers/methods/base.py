@@ -121,12 +121,30 @@ class SearchMethod(abc.ABC):
         so the loop must rebuild its DDP wrapper."""
         return False
 
+    # how many modules `finalize` decided by argmax at the epoch cap (recorded with the trial)
+    decided_by_argmax: int = 0
+
     def finalize(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
-        """Force a decision when the epoch cap is reached; returns a note for the user."""
+        """Force a decision when the epoch cap is reached (setting `decided_by_argmax`);
+        returns a note for the user."""
         return ""
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         return {"target_macs": self.target_macs}
+
+    def additions(self) -> dict[str, Any]:
+        """Our additions to the published method that this trial uses: option -> value.
+
+        An `Options` schema lists its non-published options with their off values in
+        `ADDITIONS`; gradient clipping (none in any published search) counts for every method.
+        The search records them with the trial, so a comparison can say "OFB + budget
+        tolerance" instead of "OFB"."""
+        off = getattr(self.Options, "ADDITIONS", {}) if self.opts is not None else {}
+        used = {f"{self.section}.{k}": getattr(self.opts, k) for k, v in off.items()
+                if getattr(self.opts, k) != v}
+        if self.cfg.grad_clip:
+            used["grad_clip"] = self.cfg.grad_clip
+        return used
 
     def restore(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         """Load checkpointed weights into a freshly wrapped model."""

@@ -7,31 +7,36 @@ Loss per step (METHODS.md section 1):
 Schedules are per step: lambda 0.99 -> 0.1 and the PMIM mask ratio 0.05 -> `mask_ratio` over the
 warm-up, then held; the ratio drops to 0 (decoder frozen) when every module is finished.
 
-Decisions where the paper leaves a choice:
-- Elimination runs `eliminations_per_epoch` times per epoch from the end of the ramp
-  (`ramp_epochs`, the lambda and mask-ratio warm-up; during it lambda ~ 1, so the masks barely
-  depend on alpha yet). Before each
-  elimination alpha is averaged over workers and S broadcast from rank 0, so every worker
-  slices identically.
-- Three AdamW groups as published: weights + S, alpha (betas 0.5/0.999, its own lr `alpha_lr`,
-  which we raise above the weights' lr so short searches converge), decoder + mask token; weight
-  decay by the shared policy (trainers/optim.py: S, alpha, the mask token and biases not
-  decayed; published: alpha and the decoder bias decayed).
-- Budget first, then decide: while the expected MACs are further than `macs_tolerance` (x dense
-  MACs) from the target, elimination waits and the MACs-loss weight grows 1% per step (it relaxes
-  back to the published 5 inside the tolerance) and the one-hot term is held back. (Latching
-  the one-hot term on after the first entry, or a 1% tolerance, missed a 30% budget: the search
-  hit its cap at 0.66-0.70x the target; 2% met 0.5 and 0.3 budgets at 0.96-1.00x.) The
+Defaults are the published code's (METHODS.md section 1): elimination every
+len(loader) // `eliminations_per_epoch` steps from step 0 whatever the MACs, alpha's Adam state
+reset at every elimination, alpha at the weights' lr, a fixed MACs-loss weight, the one-hot loss
+always on, one-hot temperature 1, no gradient clipping (`search.grad_clip: null`).
+
+Our additions, each off by default and recorded with the trial when used (`additions()`):
+- `alpha_lr`: alpha's own lr (short searches on small models converge faster with a higher
+  one).
+- `defer_elimination`: elimination waits until the ramp (`ramp_epochs`, the lambda and
+  mask-ratio warm-up) ends; during it lambda ~ 1, so the masks barely depend on alpha yet.
+- `macs_tolerance`, "budget first": while the expected MACs are further than the tolerance
+  (x dense MACs) from the target, elimination waits, the MACs-loss weight grows 1% per step
+  (relaxing back to `macs_loss_weight` inside) and the one-hot term is held back. The
   published 100-epoch schedule gives the MACs loss time to act before the one-hot loss
-  saturates the softmax; in short searches the one-hot loss otherwise locks modules in above
-  the budget (measured on a tiny ViT at a 30% budget: 1.12-1.37x the target for MACs-loss
-  weights 5 to 50). `macs_tolerance: null` restores the published rule exactly.
-- At the epoch cap, every unfinished module takes its argmax candidate (and the note says so).
+  saturates the softmax; in short searches the one-hot loss can lock modules in above the
+  budget (measured on a tiny ViT at a 30% budget: 1.12-1.37x the target for MACs-loss weights
+  5 to 50; a 2% tolerance met 0.5 and 0.3 budgets at 0.96-1.00x, two-sided).
+- `temperature` other than 1: divides alpha in the one-hot loss only.
+
+Other decisions: before each elimination alpha is averaged over workers and S broadcast from
+rank 0, so every worker slices identically. Three AdamW groups as published (weights + S,
+alpha with betas 0.5/0.999, decoder + mask token), weight decay by the shared policy
+(trainers/optim.py: S, alpha, the mask token and biases not decayed; published: alpha and the
+decoder bias decayed). At the epoch cap every unfinished module takes its argmax candidate, and
+the note and `argmax_modules` say how many.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -52,10 +57,18 @@ from trainers.sections import Section
 class OFBOptions(Section):
     """`search.ofb.*` (METHODS.md section 1; fewer epochs for small models)."""
 
+    # ours, not published: recorded with a trial that changes them from these values
+    ADDITIONS: ClassVar[dict[str, Any]] = {
+        "alpha_lr": None, "defer_elimination": False, "macs_tolerance": None, "temperature": 1.0}
+
     ramp_epochs: float = Field(1, ge=0, description="lambda 0.99 -> 0.1 and PMIM mask-ratio "
-                               "ramp; elimination starts after it")
-    alpha_lr: float = Field(5e-3, gt=0, description="lr of the architecture logits alpha")
-    temperature: float = Field(1.0, gt=0, description="one-hot temperature: softmax(alpha / T)")
+                               "ramp (published: 20 of 100 epochs)")
+    alpha_lr: float | None = Field(None, gt=0, description="ours: alpha's own lr; null = the "
+                                   "weights' lr (published)")
+    defer_elimination: bool = Field(False, description="ours: eliminate only after the ramp; "
+                                    "published: from step 0")
+    temperature: float = Field(1.0, gt=0, description="ours: one-hot temperature, softmax(alpha"
+                               " / T) in the one-hot loss only; 1 = published")
     width_multiple: int = Field(1, ge=1, description="only candidate widths that are multiples"
                                 " of this (8: hardware-friendly); 1 = the published lists")
     mask_ratio: float = Field(0.25, ge=0, lt=1, description="PMIM ratio after the ramp")
@@ -64,8 +77,9 @@ class OFBOptions(Section):
     lambda_end: float = Field(0.1, ge=0, le=1)
     macs_loss_weight: float = Field(5.0, ge=0)
     macs_tolerance: float | None = Field(
-        0.02, gt=0, description="decide only while |expected - target| MACs <= this x dense MACs; "
-        "null = always (as published)")
+        None, gt=0, description="ours, 'budget first': decide only while |expected - target| "
+        "MACs <= this x dense MACs, with an adaptive MACs-loss weight; null = always, weight "
+        "fixed (published)")
     eliminations_per_epoch: int = Field(3, ge=1)
     elimination_factor: float = Field(0.2, gt=0, lt=1)
 
@@ -114,7 +128,7 @@ class OFB(SearchMethod):
         dec_ids = {id(p) for p in dec}
         return [
             *decay_groups(weights, wd, no_decay=S, lr=lr),
-            {"params": alpha, "lr": self.opts.alpha_lr, "weight_decay": 0.0,
+            {"params": alpha, "lr": self.opts.alpha_lr or lr, "weight_decay": 0.0,
              "betas": (0.5, 0.999), "name": "alpha"},
             *decay_groups([(n, p) for n, p in sn.named_parameters() if id(p) in dec_ids], wd,
                           name="decoder", lr=lr),
@@ -173,7 +187,8 @@ class OFB(SearchMethod):
             dist.broadcast(m.S.data, src=0)
 
     def after_step(self, model, step, optimizer) -> bool:
-        if step < self.warmup_steps or (step + 1) % self.elim_every:
+        if (step + 1) % self.elim_every or (self.opts.defer_elimination
+                                            and step < self.warmup_steps):
             return False
         sn: SearchableViT = unwrap(model)
         if sn.is_finished:
@@ -192,6 +207,9 @@ class OFB(SearchMethod):
             if not m.is_finished and m.n_live() == 1:
                 m.finish(optimizer)
                 changed = True
+        if changed:  # published: alpha's Adam state starts afresh at every elimination
+            for m in sn.searchable():
+                optimizer.state.pop(m.alpha, None)
         if sn.is_finished:
             sn.freeze_decoder()
         return changed
@@ -205,6 +223,7 @@ class OFB(SearchMethod):
         if not open_:
             return ""
         self._sync(sn)
+        self.decided_by_argmax = len(open_)
         for _, m in sn.named_searchable():
             if not m.is_finished:
                 m.finish(optimizer)
