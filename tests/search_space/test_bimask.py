@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from search_space.ofb.bimask import (
+    RATIO_EPS,
     candidates_to_drop,
     linear_schedule,
     one_hot_loss,
@@ -71,7 +73,7 @@ def test_one_hot_loss_falls_as_p_sharpens_and_is_finite_at_the_ends():
         losses.append(float(one_hot_loss(p, live)))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(a > b for a, b in itertools.pairwise(losses)), losses
-    # exactly uniform and exactly one-hot stay finite (clamped cot)
+    # exactly uniform and exactly one-hot stay finite (the ratio is guarded at the endpoints)
     assert torch.isfinite(one_hot_loss(torch.full((5,), 0.2), live))
     assert torch.isfinite(one_hot_loss(torch.tensor([1.0, 0, 0, 0, 0]), live))
 
@@ -96,3 +98,29 @@ def test_schedules_and_elimination_rule():
     assert candidates_to_drop(p, live).tolist() == [False, False, True, True]
     one = torch.tensor([False, True, False, False])
     assert not candidates_to_drop(torch.tensor([0, 1.0, 0, 0]), one).any()
+
+
+def _published_one_hot(p: torch.Tensor) -> torch.Tensor:
+    """The authors' `get_sparsity_loss` term over live p: H(p) + tan(pi/2 - pi r) / n."""
+    n = p.numel()
+    var = ((p - p.mean()) ** 2).sum()
+    r = var / (1 - 1 / n)
+    return -(p * torch.log(p)).sum() + torch.tan(math.pi / 2 - math.pi * r) / n
+
+
+@pytest.mark.parametrize("spread", [1e-3, 3e-3, 1e-2, 0.1, 0.5, 1.0, 3.0, 8.0])
+def test_one_hot_gradient_equals_the_published_formula(spread):
+    """Where the published term is finite its gradient is ours, down to tiny var/var_max (a
+    clamp of the cot value at +-10 used to zero it below r = 0.032: the U[0,1) start)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(7, generator=g, dtype=torch.float64) * spread
+    grads = []
+    for f in (lambda p: one_hot_loss(p, torch.ones(7, dtype=torch.bool)), _published_one_hot):
+        a = base.clone().requires_grad_(True)
+        f(torch.softmax(a, 0)).backward()
+        grads.append(a.grad)
+    p = torch.softmax(base, 0)
+    r = float(((p - p.mean()) ** 2).sum() / (1 - 1 / 7))
+    if r > RATIO_EPS:  # inside the guard both are the same function
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+        assert grads[0].abs().sum() > 0

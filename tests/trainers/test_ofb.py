@@ -14,7 +14,6 @@ from trainers.data import build_splits, make_loader
 from trainers.loop import train_one_epoch
 from trainers.methods import SearchMethod, get_method, list_methods, register_method
 
-
 # our short-search additions (off by default): the budget-first rule with its adaptive MACs
 # weight, elimination after the ramp, a faster alpha
 BUDGET_FIRST = {"alpha_lr": 0.05, "macs_tolerance": 0.02, "defer_elimination": True}
