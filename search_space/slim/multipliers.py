@@ -6,8 +6,8 @@ multipliers zeta (init 1) on a plain timm ViT.
 - MLP: zeta_mlp (h,) per block scales the hidden activations after GELU (a pre-hook on fc2);
 - tokens (optional, `tokens=True`): zeta_tok (T,) per block, over every position of the dense
   sequence (prefix tokens included); tanh(zeta_tok) scales the inputs of the block's attention
-  and MLP (after norm1 / norm2), as published. Init 1 as published (tanh(1) = 0.76: the
-  search starts from a slightly damped dense model and adapts).
+  and MLP (after norm1 / norm2), as published. Init 3 as published (`TOKEN_INIT`; tanh 3 =
+  0.995, so the search starts from the dense function; init 1 damped every input to 0.76).
 
 `fold()` multiplies the attention and MLP multipliers into the weights, giving back a plain ViT
 computing the same function; token multipliers cannot be folded into weights (they scale
@@ -24,6 +24,8 @@ from torch import nn
 
 from search_space.two_stage.importance import UnitScores
 
+TOKEN_INIT = 3.0  # zeta_tok's start (`models/layers.py` of the published code)
+
 
 class SlimViT(nn.Module):
     def __init__(self, vit: VisionTransformer, tokens: bool = False):
@@ -37,7 +39,9 @@ class SlimViT(nn.Module):
             nn.Parameter(torch.ones(b.mlp.fc2.in_features, device=dev)) for b in vit.blocks)
         n_tok = vit.patch_embed.num_patches + vit.num_prefix_tokens
         self.zeta_tok = nn.ParameterList(
-            nn.Parameter(torch.ones(n_tok, device=dev)) for _ in vit.blocks) if tokens else None
+            # init 3 as published (tanh 3 = 0.995: the search starts from the dense function)
+            nn.Parameter(torch.full((n_tok,), TOKEN_INIT, device=dev)) for _ in vit.blocks) \
+            if tokens else None
         self._hooks = []
         for i, b in enumerate(vit.blocks):
             self._hooks.append(b.attn.qkv.register_forward_hook(self._qkv_hook(i)))

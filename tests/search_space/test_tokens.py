@@ -114,3 +114,14 @@ def test_token_pruned_subnet_exports_to_onnx(tmp_path):
     x = torch.randn(3, 1, 28, 28)
     got = ort.InferenceSession(str(path)).run(None, {"images": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), sub(x).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_token_multipliers_start_at_the_published_3():
+    from search_space.slim.multipliers import TOKEN_INIT, SlimViT
+
+    torch.manual_seed(0)
+    vit = build_vit("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1,
+                    num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    slim = SlimViT(vit, tokens=True)
+    assert TOKEN_INIT == 3.0
+    assert all(bool((z == 3.0).all()) for z in slim.zeta_tok)
