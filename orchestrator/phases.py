@@ -33,7 +33,9 @@ class PhaseCost:
     workers x CPUs per worker). The two are different units and are never added together.
 
     A lower bound of what the phase occupied: only the time inside the worker loops counts
-    (the epochs' training and evaluation, the search's extraction), not Ray's start-up and
+    (the epochs' training, the search's extraction), not evaluation (`eval_seconds`, reported
+    on its own as `eval_device_hours`: a method's search cost must not depend on how often it
+    is evaluated), Ray's start-up and
     scheduling, worker-group restarts (nor the work lost since the last checkpoint), building
     the data set and model before the loop, nor writing and uploading checkpoints.
     `driver_seconds`, the driver's wall time of the whole Train run, includes those."""
@@ -42,6 +44,7 @@ class PhaseCost:
     devices: float
     worker_seconds: float
     driver_seconds: float
+    eval_seconds: float = 0.0  # the worker loops' evaluation, not in `worker_seconds`
 
     @property
     def device_hours(self) -> float:
@@ -52,12 +55,17 @@ class PhaseCost:
     def unit(self) -> str:
         return unit(self.device_kind)
 
+    @property
+    def eval_device_hours(self) -> float:
+        return self.devices * self.eval_seconds / 3600
+
     def hours(self) -> Hours:
         """{device_kind: device_hours}: what per-unit totals add up."""
         return {self.device_kind: self.device_hours}
 
     def summary(self) -> dict[str, Any]:
-        return {**asdict(self), "device_hours": self.device_hours, "unit": self.unit}
+        return {**asdict(self), "device_hours": self.device_hours,
+                "eval_device_hours": self.eval_device_hours, "unit": self.unit}
 
 
 @dataclass
@@ -101,7 +109,8 @@ def load_cached(folder: Path) -> PretrainResult | None:
         return None
     blob = json.loads(f.read_text())
     c = blob["cost"]
-    cost = PhaseCost(c["device_kind"], c["devices"], c["worker_seconds"], c["driver_seconds"])
+    cost = PhaseCost(c["device_kind"], c["devices"], c["worker_seconds"], c["driver_seconds"],
+                     c.get("eval_seconds", 0.0))
     return PretrainResult(folder, blob["metrics"], cost, cached=True)
 
 
@@ -167,8 +176,8 @@ def run_pretrain(cfg: Config) -> PretrainResult:
     kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
-        out = PretrainResult(folder, state["metrics"], PhaseCost(kind, devices,
-                             state["elapsed_s"], wall), cached=False)
+        out = PretrainResult(folder, state["metrics"], PhaseCost(
+            kind, devices, state["elapsed_s"], wall, state.get("eval_s", 0.0)), cached=False)
 
         def fill(tmp: Path) -> None:
             for name in ("model.safetensors", "arch.json"):
@@ -220,7 +229,8 @@ def run_search(cfg: Config, dense: PretrainResult, callbacks: list | None = None
     kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
         blob = json.loads((Path(d) / "state.json").read_text())
-        cost = PhaseCost(kind, devices, blob["final"]["elapsed_s"], wall)
+        cost = PhaseCost(kind, devices, blob["final"]["elapsed_s"], wall,
+                         blob["final"].get("eval_s", 0.0))
         blob.update(cost=asdict(cost), key=key)
 
         def fill(tmp: Path) -> None:
@@ -252,7 +262,7 @@ def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
     kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
-        cost = PhaseCost(kind, devices, state["elapsed_s"], wall)
+        cost = PhaseCost(kind, devices, state["elapsed_s"], wall, state.get("eval_s", 0.0))
         blob = {"metrics": state["metrics"], "history": state.get("history", []),
                 "cost": asdict(cost), "key": key}
 
@@ -279,6 +289,10 @@ def trial_result(cfg: Config, search: SearchResult, tuned: FinetuneResult,
         top1_before_finetune=f["test_top1_before_finetune"],
         search_device_hours=search.cost.device_hours,
         finetune_device_hours=tuned.cost.device_hours, subnet_path=str(search.subnet),
+        search_eval_device_hours=search.cost.eval_device_hours,
+        finetune_eval_device_hours=tuned.cost.eval_device_hours,
+        argmax_modules=f.get("argmax_modules", 0),
+        additions=json.dumps(f["additions"], sort_keys=True) if f.get("additions") else "",
         device_kind=search.cost.device_kind, node_id=f.get("node_id", ""),
         finetune_device_kind=(tuned.cost.device_kind  # e.g. a CPU search resumed on GPUs
                               if tuned.cost.device_kind != search.cost.device_kind else None),

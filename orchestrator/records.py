@@ -89,6 +89,11 @@ class TrialRecord:
     top1_before_finetune: float | None = None
     search_device_hours: float | None = None  # in `device_kind` hours
     finetune_device_hours: float | None = None  # in `finetune_kind` hours
+    # evaluation inside those phases, not in their device-hours (so not in any cost comparison)
+    search_eval_device_hours: float | None = None  # in `device_kind` hours
+    finetune_eval_device_hours: float | None = None  # in `finetune_kind` hours
+    argmax_modules: int | None = None  # modules decided by argmax at the search's epoch cap
+    additions: str | None = None  # our non-published options this trial used (JSON), or ""
     subnet_path: str | None = None
     mlflow_run_id: str | None = None
     device_kind: str | None = None  # "gpu" or "cpu_core": the search's unit (None: cpu_core)

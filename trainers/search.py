@@ -36,7 +36,7 @@ from trainers.data import build_splits, make_loader
 from trainers.loop import all_reduce_sums, train_one_epoch, warmup_cosine
 from trainers.methods import get_method
 from trainers.model_factory import build_dense
-from trainers.supervised import eval_split, progress_printer
+from trainers.supervised import EvalClock, progress_printer
 
 SUBNET_DIR = "subnet"
 
@@ -82,6 +82,7 @@ def search_loop(config: dict[str, Any]) -> None:
         return opt, sched
 
     start_epoch, elapsed, resumed_from, history = 0, 0.0, 0, []
+    evals = EvalClock()
     with worker.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None and (ckpt_dir / SUBNET_DIR).is_dir():  # already extracted
             final = json.loads((ckpt_dir / STATE_FILE).read_text())["final"]
@@ -91,6 +92,7 @@ def search_loop(config: dict[str, Any]) -> None:
         if ckpt_dir is not None:
             optimizer, scheduler, state = _restore(ckpt_dir, method, model, make_optimizer)
             start_epoch, elapsed = state["epoch"] + 1, state["elapsed_s"]
+            evals = EvalClock(state.get("eval_s", 0.0))
             resumed_from, history = state["epoch"] + 1, state.get("history", [])
         else:
             optimizer, scheduler = make_optimizer(model)
@@ -126,12 +128,13 @@ def search_loop(config: dict[str, Any]) -> None:
             "resumed_from_epoch": resumed_from, "search_finished": done,
         }
         if splits.val is not None:
-            metrics["val_top1"] = eval_split(model, splits.val, cfg, env)["top1"]
+            metrics["val_top1"] = evals.split(model, splits.val, cfg, env)["top1"]
         metrics.update(method.metrics(model))
-        elapsed += time.perf_counter() - t0
-        metrics["elapsed_s"] = elapsed
+        elapsed += time.perf_counter() - t0 - evals.lap()  # search work only
+        metrics["elapsed_s"], metrics["eval_s"] = elapsed, evals.total
         history.append({k: v for k, v in metrics.items() if not isinstance(v, dict)})
-        state = {"epoch": epoch, "elapsed_s": elapsed, "history": history}
+        state = {"epoch": epoch, "elapsed_s": elapsed, "eval_s": evals.total,
+                 "history": history}
         if env.is_main:
             _print_epoch(metrics)
         worker.report(env, metrics, lambda d, s=state, m=model: save_checkpoint(
@@ -151,10 +154,10 @@ def search_loop(config: dict[str, Any]) -> None:
                              "target_macs": method.target_macs,
                              "resumed_from_epoch": resumed_from, "node_id": worker.node_id()}
     if splits.val is not None:
-        final["val_top1_before_finetune"] = eval_split(subnet, splits.val, cfg, env)["top1"]
-    final["test_top1_before_finetune"] = eval_split(subnet, splits.test, cfg, env)["top1"]
-    elapsed += time.perf_counter() - t0
-    final["elapsed_s"] = elapsed
+        final["val_top1_before_finetune"] = evals.split(subnet, splits.val, cfg, env)["top1"]
+    final["test_top1_before_finetune"] = evals.split(subnet, splits.test, cfg, env)["top1"]
+    elapsed += time.perf_counter() - t0 - evals.lap()  # extraction counts, evaluation not
+    final["elapsed_s"], final["eval_s"] = elapsed, evals.total
     if env.is_main:
         print(f"[search] subnet {cost.macs / 1e6:.2f} M MACs ({cost.macs / final['dense_macs']:.1%}"
               f" of dense), {cost.params / 1e6:.3f} M params, top-1 before fine-tune "

@@ -93,7 +93,10 @@ def test_infeasible_trial_keeps_its_top1_and_ranks_last(tmp_path):
 def _fake_trial(max_macs, macs, top1=0.8):
     cfg = SimpleNamespace(sweep=SimpleNamespace(max_macs=max_macs), run_dir=Path("/t"),
                           search=SimpleNamespace(method="ofb", target_gmacs=None, budget=0.5))
-    cost = SimpleNamespace(device_hours=0.1, device_kind="cpu_core", worker_seconds=30.0)
+    from orchestrator.phases import PhaseCost
+
+    # 12 cores x 30 s of search work = 0.1 CPU-core-hours; 3 s of evaluation apart
+    cost = PhaseCost("cpu_core", 12.0, 30.0, 60.0, eval_seconds=3.0)
     search = SimpleNamespace(subnet=Path("/t/search/subnet"), cost=cost, final={
         "macs": macs, "params": 10, "dense_macs": 2_000, "test_top1_before_finetune": 0.7})
     tuned = SimpleNamespace(metrics={"test_top1": top1}, cost=cost)
@@ -107,6 +110,8 @@ def test_trial_result_and_the_search_metric():
     rec = trial_result(*_fake_trial(max_macs=1_000, macs=1_200), wall=100.0)
     assert isinstance(rec, TrialRecord) and rec.top1 == 0.8 and rec.feasible is False
     assert rec.trial_overhead_s == pytest.approx(40.0) and rec.budget == "50pct"
+    assert rec.search_device_hours == pytest.approx(0.1)  # evaluation not included
+    assert rec.search_eval_device_hours == pytest.approx(0.01)
     report = rec.tune_report()
     assert report["phase"] == "done" and report["top1"] == 0.8
     assert report[OBJECTIVE_TOP1] == pytest.approx(0.8 - 1.0)
