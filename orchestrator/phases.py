@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator.config import Config
 from orchestrator.records import Hours, TrialRecord, unit
+from trainers.methods import get_method
 from trainers.search import SUBNET_DIR, search_loop
 from trainers.supervised import supervised_loop
 
@@ -249,13 +250,27 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def equal_training(cfg: Config) -> Config:
+    """The equal-training rule of a comparison: a method whose search trains no weights (the
+    two-stage pruners score units, the control is the dense model) fine-tunes for
+    `search.epochs + finetune.epochs`, so every method's weights get the same training."""
+    if get_method(cfg.search.method).trains_weights:
+        return cfg
+    ft = cfg.finetune.model_copy(update={"epochs": cfg.finetune.epochs + cfg.search.epochs})
+    return cfg.model_copy(update={"finetune": ft})
+
+
 def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
-    """Fine-tune an exported subnet with `cfg.finetune`; weights in `<run_dir>/finetune/`."""
+    """Fine-tune an exported subnet with `cfg.finetune` under the equal-training rule; weights
+    in `<run_dir>/finetune/`."""
+    cfg = equal_training(cfg)
     out, key = cfg.run_dir / "finetune", cfg.finetune_key()
     if (blob := _finished(out, key, "finetune")) is not None:
         return FinetuneResult(out, blob["metrics"], PhaseCost(**blob["cost"]),
                               blob.get("history", []))
-    print(f"[finetune] {cfg.finetune.epochs:g} epoch(s) of the subnet", flush=True)
+    extra = "" if get_method(cfg.search.method).trains_weights else (
+        f" ({cfg.search.epochs:g} of them for the search epochs that trained no weights)")
+    print(f"[finetune] {cfg.finetune.epochs:g} epoch(s) of the subnet{extra}", flush=True)
     result, wall = fit_phase(cfg, supervised_loop, {"train": cfg.worker_dict(),
                                                     "phase": "finetune", "init": str(subnet)},
                              f"finetune-{key}", cfg.run_dir / "ray")

@@ -123,6 +123,10 @@ class SearchMethod(abc.ABC):
 
     # how many modules `finalize` decided by argmax at the epoch cap (recorded with the trial)
     decided_by_argmax: int = 0
+    # False: the search leaves the weights untrained (scoring only, the control); under the
+    # equal-training rule its fine-tune then runs `search.epochs` longer, so that in a
+    # comparison every method's weights get the same number of training epochs
+    trains_weights: bool = True
 
     def finalize(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
         """Force a decision when the epoch cap is reached (setting `decided_by_argmax`);

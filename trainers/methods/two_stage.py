@@ -39,6 +39,7 @@ class TwoStageOptions(Section):
 
 
 class TwoStage(SearchMethod):
+    trains_weights = False  # the search only scores units
     criterion = "taylor"
     section = "two_stage"
     Options = TwoStageOptions
