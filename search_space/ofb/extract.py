@@ -2,7 +2,8 @@
 
 The finished supernet is already sliced to its kept units; what is left are the per-channel
 frozen masks (lambda sigmoid(S) + (1 - lambda) V at the moment each module finished). They fold
-exactly into the weights that read or write those units (search_space/groups.py). The searched
+exactly into the weights that read or write those units (search_space/groups.py): q/k/v rows,
+fc1 rows and bias (the MLP mask is on fc1's output, before GELU). The searched
 model computed attention with the dense model's scale 1/sqrt(d_dense) (timm's fused attention
 would silently switch to 1/sqrt(d_new)), so the ratio sqrt(d_new / d_dense) is folded into the
 q rows: the exported model needs no custom attention class and runs anywhere timm runs.
@@ -39,8 +40,9 @@ def extract_subnet(supernet: nn.Module) -> tuple[VisionTransformer, ViTArch]:
         qkv = [u for u in groups.attn_members(p + "attn.", a.attn_dim, p + "attn.qkv.bias" in sd)
                if u.role in ("q", "k", "v")]
         groups.scale_(sd, qkv, {"q": m * q_fix, "k": m, "v": m})
-        fc2_in = [u for u in groups.mlp_members(p + "mlp.") if u.key.endswith("fc2.weight")]
-        groups.scale_(sd, fc2_in, blk.mlp.frozen)  # the MLP mask on fc2's input
+        fc1_out = [u for u in groups.mlp_members(p + "mlp.", p + "mlp.fc1.bias" in sd)
+                   if ".fc1." in u.key]
+        groups.scale_(sd, fc1_out, blk.mlp.frozen)  # the MLP mask on fc1's rows and bias
     sd = {k: v for k, v in sd.items() if not _search_key(k)}
     out = build_from_arch(arch, device=next(supernet.parameters()).device)
     out.load_state_dict(sd, strict=True)

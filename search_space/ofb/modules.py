@@ -5,9 +5,9 @@ Candidate lists (METHODS.md section 1, with our choice for small head counts):
   range(1, H+1) (the published list is [2] for DeiT-T's H=3); dims per head in
   range(d/4, d+1, max(d/8, 1)). One alpha per (heads, dims) cell. S has shape (H, d); the same
   (H, d) mask scales q, k and v.
-- MLP hidden: range(h/4, h+1, h/8). The mask multiplies the activation output (fc2's input), so
-  a frozen mask folds exactly into fc2's columns (on fc1's pre-activation output it would not
-  fold through GELU).
+- MLP hidden: range(h/4, h+1, h/8). As published (`MAESparseMlp.forward`) the mask multiplies
+  fc1's output before GELU: GELU(m (W x + b)) = GELU((m W) x + m b), so a frozen mask folds
+  exactly into fc1's rows and bias.
 """
 
 from __future__ import annotations
@@ -172,5 +172,5 @@ class SearchableMlp(VectorUnits, Mlp):
             self.frozen = torch.ones(w, device=self.S.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop1(self.act(self.fc1(x)))  # (B, N, h)
-        return self.drop2(_linear_out(self.fc2, x, self.stream_mask, self.mask()))
+        x = self.drop1(self.act(_linear_out(self.fc1, x, self.mask())))  # (B, N, h)
+        return self.drop2(_linear_out(self.fc2, x, self.stream_mask))
