@@ -29,9 +29,10 @@ def extract_subnet(supernet: nn.Module) -> tuple[VisionTransformer, ViTArch]:
     src = supernet.vit
     sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
     m_e = src.patch_embed.frozen  # (D,)
-    # the embedding mask where channels enter the stream and on every branch output
-    groups.scale_(sd, [m for m in groups.embed_members(sd) if m.role in ("entry", "write")],
-                  m_e)
+    # the embedding mask where channels enter the stream (and on every branch output when the
+    # search masked those too)
+    roles = ("entry", "write") if supernet.mask_branches else ("entry",)
+    groups.scale_(sd, [m for m in groups.embed_members(sd) if m.role in roles], m_e)
     for i, blk in enumerate(src.blocks):
         p = f"blocks.{i}."
         a = blk.attn

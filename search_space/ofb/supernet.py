@@ -5,11 +5,12 @@ residual stream) is searched by `SearchablePatchEmbed`. The wrapper owns the for
 can (a) insert PMIM's mask token into the patch sequence, (b) mask the residual stream, and
 (c) return the final-norm patch tokens for PMIM's decoder, all in one pass.
 
-Embedding mask decision (the paper says: patch-embed output, pos-embed, cls and mask token): we
-apply m_e to each of those, and also to every residual branch output (attention proj, MLP fc2),
-so a masked channel is exactly zero in the stream at every depth and a frozen m_e folds into
-those layers. Every mask is applied to weights, not activations (equal results, and the search
-step then costs about what a dense step does). Slicing the embedding is not
+Embedding mask: as published, m_e applies only where tokens enter the network (patch-embed
+output, pos-embed, cls and mask token); blocks never mask their outputs. Our option
+`mask_branches` (OFB's `embed_mask_on_branches`) also applies it to every residual branch output
+(attention proj, MLP fc2), so a masked channel is exactly zero in the stream at every depth.
+Every mask is applied to weights, not activations (equal results, and the search step then
+costs about what a dense step does). Slicing the embedding is not
 exactly output-preserving, because LayerNorm then normalises over the kept channels only
 (as published); attention and MLP slices are exact.
 """
@@ -65,10 +66,13 @@ class SearchablePatchEmbed(VectorUnits, PatchEmbed):
 class SearchableViT(nn.Module):
     """OFB supernet around a timm VisionTransformer (class token, learned pos-embed)."""
 
-    def __init__(self, vit: VisionTransformer, width_multiple: int = 1):
+    def __init__(self, vit: VisionTransformer, width_multiple: int = 1,
+                 mask_branches: bool = False):
         """`width_multiple` > 1 keeps only candidate widths (head dims, MLP, embedding) that
-        are multiples of it: such subnets realize more of their MACs saving as speed."""
+        are multiples of it: such subnets realize more of their MACs saving as speed.
+        `mask_branches`: the embedding mask on every branch output too (ours; see above)."""
         super().__init__()
+        self.mask_branches = mask_branches
         _check_supported(vit)
         self.dense_arch = ViTArch.from_timm(vit)
         vit.patch_embed = SearchablePatchEmbed.from_dense(vit.patch_embed, width_multiple)
@@ -149,7 +153,7 @@ class SearchableViT(nn.Module):
         x = torch.cat([cls, x], dim=1) + v.pos_embed * m_e  # (B, 1+N, D)
         x = v.norm_pre(v.pos_drop(x))
         for blk in v.blocks:
-            blk.attn.stream_mask = blk.mlp.stream_mask = m_e
+            blk.attn.stream_mask = blk.mlp.stream_mask = m_e if self.mask_branches else None
         try:
             for blk in v.blocks:
                 x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))

@@ -111,8 +111,8 @@ def test_slicing_is_output_preserving_and_slices_optimizer_state(cls):
         assert torch.equal(a(x), y)
 
 
-def _finished_supernet(seed: int = 0) -> SearchableViT:
-    sn = SearchableViT(tiny_vit(seed)).eval()
+def _finished_supernet(seed: int = 0, mask_branches: bool = False) -> SearchableViT:
+    sn = SearchableViT(tiny_vit(seed), mask_branches=mask_branches).eval()
     sn.set_schedule(0.1, 1.0)
     g = torch.Generator().manual_seed(seed)
     for m in sn.searchable():
@@ -121,6 +121,20 @@ def _finished_supernet(seed: int = 0) -> SearchableViT:
             m.S.add_(torch.randn(m.S.shape, generator=g))
         m.finish()
     return sn
+
+
+def test_embedding_mask_on_branches_option_folds_too():
+    """Ours, off by default: the embedding mask on every branch output; the fold follows it."""
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for mask_branches in (False, True):
+        sn = _finished_supernet(seed=3, mask_branches=mask_branches)
+        with torch.no_grad():
+            ref = sn(x)
+            out = extract_subnet(sn)[0](x)
+        assert torch.allclose(out, ref, atol=FOLD_ATOL), (mask_branches, (out - ref).abs().max())
+        outs.append(ref)
+    assert not torch.allclose(outs[0], outs[1])  # the two rules are different models
 
 
 def test_expected_macs_equal_actual_when_one_hot():

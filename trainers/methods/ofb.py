@@ -60,7 +60,8 @@ class OFBOptions(Section):
 
     # ours, not published: recorded with a trial that changes them from these values
     ADDITIONS: ClassVar[dict[str, Any]] = {
-        "alpha_lr": None, "defer_elimination": False, "macs_tolerance": None, "temperature": 1.0}
+        "alpha_lr": None, "defer_elimination": False, "macs_tolerance": None, "temperature": 1.0,
+        "embed_mask_on_branches": False}
 
     ramp_epochs: float = Field(1, ge=0, description="lambda 0.99 -> 0.1 and PMIM mask-ratio "
                                "ramp (published: 20 of 100 epochs)")
@@ -68,6 +69,9 @@ class OFBOptions(Section):
                                    "weights' lr (published)")
     defer_elimination: bool = Field(False, description="ours: eliminate only after the ramp; "
                                     "published: from step 0")
+    embed_mask_on_branches: bool = Field(False, description="ours: the embedding mask also on "
+                                         "every attention/MLP output; published: only where "
+                                         "tokens enter")
     temperature: float = Field(1.0, gt=0, description="ours: one-hot temperature, softmax(alpha"
                                " / T) in the one-hot loss only; 1 = published")
     width_multiple: int = Field(1, ge=1, description="only candidate widths that are multiples"
@@ -115,7 +119,7 @@ class OFB(SearchMethod):
         return self.opts.mask_ratio > 0 or self.opts.mask_ratio_start > 0
 
     def wrap(self, dense: nn.Module) -> SearchableViT:
-        sn = SearchableViT(dense, self.opts.width_multiple)
+        sn = SearchableViT(dense, self.opts.width_multiple, self.opts.embed_mask_on_branches)
         if not self.pmim_on:  # PMIM off: the decoder and mask token would never get gradients
             sn.freeze_decoder()
         return sn
