@@ -146,11 +146,11 @@ class SearchableViT(nn.Module):
         x = F.conv2d(x, pe.proj.weight * m_e[:, None, None, None], bias,
                      stride=pe.proj.stride)  # (B, D, h, w)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
-        if patch_mask is not None:
-            w = patch_mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
-            x = x * (1 - w) + (self.mask_token * m_e).to(x.dtype) * w
         cls = (v.cls_token * m_e).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + v.pos_embed * m_e  # (B, 1+N, D)
+        if patch_mask is not None:  # after the pos-embed, as published: no position on them
+            w = F.pad(patch_mask, (1, 0)).unsqueeze(-1).to(x.dtype)  # (B, 1+N, 1), cls kept
+            x = x * (1 - w) + (self.mask_token * m_e).to(x.dtype) * w
         x = v.norm_pre(v.pos_drop(x))
         for blk in v.blocks:
             blk.attn.stream_mask = blk.mlp.stream_mask = m_e if self.mask_branches else None

@@ -205,3 +205,17 @@ def test_search_state_restores_sliced_supernet():
 def test_unsupported_vit_is_refused():
     with pytest.raises(ValueError, match="class token"):
         SearchableViT(tiny_vit(class_token=False, global_pool="avg"))
+
+
+def test_pmim_mask_token_goes_in_after_the_pos_embed():
+    """As published, masked tokens carry no position: with every patch masked, the patches'
+    position embeddings cannot change the output."""
+    sn = SearchableViT(tiny_vit(1)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.ones(2, sn.dense_arch.num_patches, dtype=torch.bool)
+    with torch.no_grad():
+        a, _ = sn(x, mask)
+        sn.vit.pos_embed[:, 1:].add_(torch.randn_like(sn.vit.pos_embed[:, 1:]))
+        b, _ = sn(x, mask)
+        c, _ = sn(x, torch.zeros_like(mask))
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c)
