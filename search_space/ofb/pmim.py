@@ -32,11 +32,15 @@ def random_patch_mask(batch: int, num_patches: int, ratio: float, device: torch.
 
 
 def local_normalize(img: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
-    """(x - local mean) / local std over a k x k window, per channel. (B, C, H, W) -> same."""
+    """(x - local mean) / local std over a k x k window, per channel, with the unbiased
+    variance as published (n / (n - 1), n = the window's pixels inside the image).
+    (B, C, H, W) -> same."""
     pool = dict(kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
     mean = F.avg_pool2d(img, **pool)
     var = (F.avg_pool2d(img * img, **pool) - mean * mean).clamp_min(0)
-    return (img - mean) / (var + eps).sqrt()
+    n = F.avg_pool2d(torch.ones_like(img[:1, :1]), kernel_size=k, stride=1, padding=k // 2,
+                     count_include_pad=True) * (k * k)  # (1, 1, H, W)
+    return (img - mean) / (var * n / (n - 1).clamp_min(1) + eps).sqrt()
 
 
 def reconstruction_loss(pred: torch.Tensor, img: torch.Tensor, patch_mask: torch.Tensor,

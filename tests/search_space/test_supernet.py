@@ -219,3 +219,16 @@ def test_pmim_mask_token_goes_in_after_the_pos_embed():
         b, _ = sn(x, mask)
         c, _ = sn(x, torch.zeros_like(mask))
     assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c)
+
+
+def test_pmim_target_uses_the_unbiased_local_variance():
+    from search_space.ofb.pmim import local_normalize
+
+    img = torch.randn(1, 2, 9, 9, dtype=torch.float64)
+    out = local_normalize(img, 3, eps=0.0)
+    win = img[0, 1, 3:6, 3:6]  # the window around pixel (4, 4), all inside the image
+    expected = (img[0, 1, 4, 4] - win.mean()) / win.std(unbiased=True)
+    assert float(out[0, 1, 4, 4]) == pytest.approx(float(expected), rel=1e-9)
+    corner = img[0, 0, :2, :2]  # at (0, 0) only 4 pixels are inside
+    assert float(out[0, 0, 0, 0]) == pytest.approx(
+        float((img[0, 0, 0, 0] - corner.mean()) / corner.std(unbiased=True)), rel=1e-9)
