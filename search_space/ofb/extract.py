@@ -1,7 +1,7 @@
 """OFB's subnet: every frozen mask of a finished supernet folded into a plain timm ViT.
 
 The finished supernet is already sliced to its kept units; what is left are the per-channel
-frozen masks (lambda sigmoid(S) + (1 - lambda) V at the moment each module finished). They fold
+scales (the masks (lambda sigmoid(S) + (1 - lambda) V at the moment each module finished). They fold
 exactly into the weights that read or write those units (search_space/groups.py): q/k/v rows,
 fc1 rows and bias (the MLP mask is on fc1's output, before GELU). The searched
 model computed attention with the dense model's scale 1/sqrt(d_dense) (timm's fused attention
@@ -28,7 +28,7 @@ def extract_subnet(supernet: nn.Module) -> tuple[VisionTransformer, ViTArch]:
     arch = supernet.current_arch()
     src = supernet.vit
     sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
-    m_e = src.patch_embed.frozen  # (D,)
+    m_e = src.patch_embed.channel_scale.detach()  # (D,)
     # the embedding mask where channels enter the stream (and on every branch output when the
     # search masked those too)
     roles = ("entry", "write") if supernet.mask_branches else ("entry",)
@@ -36,14 +36,15 @@ def extract_subnet(supernet: nn.Module) -> tuple[VisionTransformer, ViTArch]:
     for i, blk in enumerate(src.blocks):
         p = f"blocks.{i}."
         a = blk.attn
-        m = a.frozen.reshape(-1)  # (H*d,) mask on q, k and v
+        m = a.channel_scale.detach().reshape(-1)  # (H*d,) mask on q, k and v
         q_fix = a.scale * a.head_dim**0.5  # searched softmax scale / the subnet's 1/sqrt(d)
         qkv = [u for u in groups.attn_members(p + "attn.", a.attn_dim, p + "attn.qkv.bias" in sd)
                if u.role in ("q", "k", "v")]
         groups.scale_(sd, qkv, {"q": m * q_fix, "k": m, "v": m})
         fc1_out = [u for u in groups.mlp_members(p + "mlp.", p + "mlp.fc1.bias" in sd)
                    if ".fc1." in u.key]
-        groups.scale_(sd, fc1_out, blk.mlp.frozen)  # the MLP mask on fc1's rows and bias
+        # the MLP mask on fc1's rows and bias
+        groups.scale_(sd, fc1_out, blk.mlp.channel_scale.detach())
     sd = {k: v for k, v in sd.items() if not _search_key(k)}
     out = build_from_arch(arch, device=next(supernet.parameters()).device)
     out.load_state_dict(sd, strict=True)
@@ -52,5 +53,5 @@ def extract_subnet(supernet: nn.Module) -> tuple[VisionTransformer, ViTArch]:
 
 def _search_key(k: str) -> bool:
     last = k.rsplit(".", 1)[-1]
-    return last in ("alpha", "S", "live", "finished", "frozen", "cand_heads", "cand_dims",
+    return last in ("alpha", "S", "live", "finished", "channel_scale", "cand_heads", "cand_dims",
                     "cand_widths")

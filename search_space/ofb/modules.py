@@ -91,9 +91,11 @@ class SearchableAttention(SearchableMixin, Attention):
         flat = (heads[:, None] * d + chans).reshape(-1)  # indices into H*d
         groups.slice_(self, groups.attn_members("", H * d, self.qkv.bias is not None), flat,
                       optimizer)
-        slice_param_(self, "S", lambda t: t.reshape(-1).index_select(0, flat.to(t.device))
-                     .reshape(wh, wd).contiguous(), optimizer)
-        self.frozen = torch.ones(wh, wd, device=self.S.device)
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(-1).index_select(0, flat.to(t.device)).reshape(wh, wd).contiguous()
+
+        slice_param_(self, "S", cut, optimizer)
+        slice_param_(self, "channel_scale", cut, optimizer)
         self.num_heads, self.head_dim, self.attn_dim = wh, wd, wh * wd
 
     def resize_(self, widths: tuple[int, ...]) -> None:
@@ -103,8 +105,9 @@ class SearchableAttention(SearchableMixin, Attention):
         keep = (torch.arange(wh)[:, None] * self.head_dim + torch.arange(wd)).reshape(-1)
         groups.slice_(self, groups.attn_members("", self.attn_dim, self.qkv.bias is not None),
                       keep)
-        slice_param_(self, "S", lambda t: t.reshape(-1)[keep].reshape(wh, wd).contiguous())
-        self.frozen = torch.ones(wh, wd, device=self.S.device)
+        for name in ("S", "channel_scale"):
+            slice_param_(self, name, lambda t: t.reshape(-1)[keep.to(t.device)]
+                         .reshape(wh, wd).contiguous())
         self.num_heads, self.head_dim, self.attn_dim = wh, wd, wh * wd
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -161,7 +164,7 @@ class SearchableMlp(VectorUnits, Mlp):
         keep = topk_units(self.S, w)
         groups.slice_(self, groups.mlp_members("", self.fc1.bias is not None), keep, optimizer)
         slice_param_(self, "S", along(0, keep), optimizer)
-        self.frozen = torch.ones(w, device=self.S.device)
+        slice_param_(self, "channel_scale", along(0, keep), optimizer)
 
     def resize_(self, widths: tuple[int, ...]) -> None:
         (w,) = widths
@@ -169,7 +172,7 @@ class SearchableMlp(VectorUnits, Mlp):
             keep = torch.arange(w)
             groups.slice_(self, groups.mlp_members("", self.fc1.bias is not None), keep)
             slice_param_(self, "S", along(0, keep))
-            self.frozen = torch.ones(w, device=self.S.device)
+            slice_param_(self, "channel_scale", along(0, keep))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop1(self.act(_linear_out(self.fc1, x, self.mask())))  # (B, N, h)

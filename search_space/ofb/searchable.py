@@ -5,8 +5,10 @@ how its mask enters its forward. The base answers the questions every method and
 loop ask: live candidates, expected width (for the MACs loss), elimination, freezing.
 
 Lifecycle of a module: searching (mask = lambda*sigmoid(S) + (1-lambda)*V) -> candidates are
-eliminated, weights sliced to the widest survivor -> one candidate left: `finish()` freezes the
-mask as a per-channel `frozen` buffer, alpha and S stop learning -> `fold` at export.
+eliminated, weights sliced to the widest survivor -> one candidate left: `finish()` turns the
+mask into a per-channel `channel_scale` parameter that goes on training (as published: fresh
+optimizer state, no L1; fixed instead with our option `freeze_finished`), alpha and S stop
+learning -> folded into the weights at export.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class SearchableMixin:
 
     # Set by the search loop before each forward (plain attributes, not state).
     lam: float = 1.0
+    freeze_finished: bool = False  # ours: keep the finished scale fixed (published: it trains)
     temperature: float = 1.0
     # The embedding mask m_e for a module whose output joins the residual stream; set by
     # SearchableViT for the duration of one forward.
@@ -41,7 +44,8 @@ class SearchableMixin:
                                                     std=0.2, a=-0.4, b=0.4))
         self.register_buffer("live", torch.ones(n_candidates, dtype=torch.bool, device=device))
         self.register_buffer("finished", torch.zeros((), dtype=torch.bool, device=device))
-        self.register_buffer("frozen", torch.ones(S_shape, device=device))
+        # the finished module's per-channel scale: a parameter without gradient until `finish`
+        self.channel_scale = nn.Parameter(torch.ones(S_shape, device=device), requires_grad=False)
         self._host_live, self._host_finished = [True] * n_candidates, False
         self.register_load_state_dict_post_hook(lambda m, _: m._refresh_host())
 
@@ -73,8 +77,8 @@ class SearchableMixin:
 
     def mask(self) -> torch.Tensor:
         """Current per-unit multiplier (shape of S)."""
-        if self.is_finished:
-            return self.frozen
+        if self.is_finished:  # a view: a plain tensor (callers may store it), gradients flow
+            return self.channel_scale.view(self.channel_scale.shape)
         V, alive = self._survival(self.probs())
         return bimask.unit_mask(self.S, V, self.lam, alive)
 
@@ -109,18 +113,27 @@ class SearchableMixin:
             self._slice_units(optimizer)
 
     def finish(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Keep only the argmax candidate, slice to it and freeze the mask as `frozen`."""
+        """Keep only the argmax candidate, slice to it, and make the mask the module's
+        `channel_scale` (trainable with fresh optimizer state unless `freeze_finished`)."""
         with torch.no_grad():
             keep = torch.zeros_like(self.live)
             keep[torch.argmax(self.probs())] = True
             self.live.copy_(keep)
             self._refresh_host()
             self._slice_units(optimizer)
-            self.frozen = self.mask().detach().clone()
+            self.channel_scale.copy_(self.mask())
             self.finished.fill_(True)
             self._host_finished = True
-        self.alpha.requires_grad_(False)
-        self.S.requires_grad_(False)
+        if optimizer is not None:
+            optimizer.state.pop(self.channel_scale, None)
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        """alpha and S learn while searching; the scale once finished (unless frozen)."""
+        done = self.is_finished
+        self.alpha.requires_grad_(not done)
+        self.S.requires_grad_(not done)
+        self.channel_scale.requires_grad_(done and not self.freeze_finished)
 
     # --- what subclasses define ----------------------------------------------------------
     def _survival(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

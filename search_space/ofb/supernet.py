@@ -67,12 +67,14 @@ class SearchableViT(nn.Module):
     """OFB supernet around a timm VisionTransformer (class token, learned pos-embed)."""
 
     def __init__(self, vit: VisionTransformer, width_multiple: int = 1,
-                 mask_branches: bool = False):
+                 mask_branches: bool = False, freeze_finished: bool = False):
         """`width_multiple` > 1 keeps only candidate widths (head dims, MLP, embedding) that
         are multiples of it: such subnets realize more of their MACs saving as speed.
-        `mask_branches`: the embedding mask on every branch output too (ours; see above)."""
+        `mask_branches`: the embedding mask on every branch output too (ours; see above).
+        `freeze_finished`: a finished module's scale stays fixed (ours; published: it trains)."""
         super().__init__()
         self.mask_branches = mask_branches
+        self.freeze_finished = freeze_finished
         _check_supported(vit)
         self.dense_arch = ViTArch.from_timm(vit)
         vit.patch_embed = SearchablePatchEmbed.from_dense(vit.patch_embed, width_multiple)
@@ -88,6 +90,8 @@ class SearchableViT(nn.Module):
         self.decoder = nn.Linear(D, p * p * C)
         self.shuffle = nn.PixelShuffle(p)
         object.__setattr__(vit.patch_embed, "owner_slice", self._slice_embed)
+        for m in self.searchable():
+            m.freeze_finished = freeze_finished
 
     # --- the searchable modules ------------------------------------------------------------
     def searchable(self) -> list[SearchableMixin]:
@@ -109,6 +113,10 @@ class SearchableViT(nn.Module):
 
     def importance_params(self) -> list[nn.Parameter]:
         return [m.S for m in self.searchable()]
+
+    def scale_params(self) -> list[nn.Parameter]:
+        """The finished modules' per-channel scales (never weight-decayed)."""
+        return [m.channel_scale for m in self.searchable()]
 
     def decoder_params(self) -> list[nn.Parameter]:
         return [self.mask_token, *self.decoder.parameters()]
@@ -190,9 +198,7 @@ class SearchableViT(nn.Module):
             m.resize_(m._widest())
         self.load_state_dict(state)
         for m in self.searchable():
-            if m.is_finished:
-                m.alpha.requires_grad_(False)
-                m.S.requires_grad_(False)
+            m._set_trainable()
         if self.is_finished:
             self.freeze_decoder()
 
@@ -204,7 +210,7 @@ class SearchableViT(nn.Module):
         names = [n for n, _ in self.named_parameters()]
         groups.slice_(self, groups.embed_members(names), keep, optimizer)
         slice_param_(pe, "S", along(0, keep), optimizer)
-        pe.frozen = torch.ones(len(keep), device=keep.device)
+        slice_param_(pe, "channel_scale", along(0, keep), optimizer)
         v.embed_dim = v.num_features = len(keep)
 
 

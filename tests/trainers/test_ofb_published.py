@@ -57,3 +57,20 @@ def test_published_search_space_and_constants():
 def test_our_additions_are_recorded():
     method, _, _ = _ofb(macs_tolerance=0.02, temperature=0.5)
     assert method.additions() == {"ofb.macs_tolerance": 0.02, "ofb.temperature": 0.5}
+
+
+def test_a_finished_module_trains_its_channel_scale_unless_frozen():
+    for freeze in (False, True):
+        method, sn, _ = _ofb(freeze_finished=freeze)
+        opt = torch.optim.AdamW(method.param_groups(sn), lr=1e-2)
+        m = sn.vit.blocks[0].mlp
+        m.finish(opt)
+        before = m.channel_scale.detach().clone()
+        logits, aux = method.forward(sn, torch.randn(4, 3, 32, 32), 0)
+        sum(method.losses(sn, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), logits,
+                          aux, 0).values()).backward()
+        opt.step()
+        changed = not torch.equal(m.channel_scale.detach(), before)
+        assert changed is not freeze, freeze
+        assert not m.alpha.requires_grad and not m.S.requires_grad
+    assert method.additions() == {"ofb.freeze_finished": True}

@@ -61,7 +61,7 @@ class OFBOptions(Section):
     # ours, not published: recorded with a trial that changes them from these values
     ADDITIONS: ClassVar[dict[str, Any]] = {
         "alpha_lr": None, "defer_elimination": False, "macs_tolerance": None, "temperature": 1.0,
-        "embed_mask_on_branches": False}
+        "embed_mask_on_branches": False, "freeze_finished": False}
 
     ramp_epochs: float = Field(1, ge=0, description="lambda 0.99 -> 0.1 and PMIM mask-ratio "
                                "ramp (published: 20 of 100 epochs)")
@@ -69,6 +69,8 @@ class OFBOptions(Section):
                                    "weights' lr (published)")
     defer_elimination: bool = Field(False, description="ours: eliminate only after the ramp; "
                                     "published: from step 0")
+    freeze_finished: bool = Field(False, description="ours: a finished module's scale stays "
+                                  "fixed; published: it trains (no L1) until the export")
     embed_mask_on_branches: bool = Field(False, description="ours: the embedding mask also on "
                                          "every attention/MLP output; published: only where "
                                          "tokens enter")
@@ -119,7 +121,8 @@ class OFB(SearchMethod):
         return self.opts.mask_ratio > 0 or self.opts.mask_ratio_start > 0
 
     def wrap(self, dense: nn.Module) -> SearchableViT:
-        sn = SearchableViT(dense, self.opts.width_multiple, self.opts.embed_mask_on_branches)
+        sn = SearchableViT(dense, self.opts.width_multiple, self.opts.embed_mask_on_branches,
+                           self.opts.freeze_finished)
         if not self.pmim_on:  # PMIM off: the decoder and mask token would never get gradients
             sn.freeze_decoder()
         return sn
@@ -132,7 +135,7 @@ class OFB(SearchMethod):
         weights = [(n, p) for n, p in sn.named_parameters() if id(p) not in special]
         dec_ids = {id(p) for p in dec}
         return [
-            *decay_groups(weights, wd, no_decay=S, lr=lr),
+            *decay_groups(weights, wd, no_decay=[*S, *sn.scale_params()], lr=lr),
             {"params": alpha, "lr": self.opts.alpha_lr or lr, "weight_decay": 0.0,
              "betas": (0.5, 0.999), "name": "alpha"},
             *decay_groups([(n, p) for n, p in sn.named_parameters() if id(p) in dec_ids], wd,
