@@ -17,3 +17,21 @@ def test_methods_whose_search_trains_no_weights_fine_tune_longer(method, extra):
     assert out.finetune.epochs == 1 + extra
     assert (out.finetune_key() == cfg.finetune_key()) is (extra == 0)
     assert cfg.finetune.epochs == 1  # the trial's own config is left as it was
+
+
+def test_deit_s_config_passes_dry_run_with_an_image_folder(tmp_path):
+    """The published DeiT-S settings load and validate (`--dry-run`, no Ray, no GPU) with the
+    data root pointed at a local image folder."""
+    import subprocess
+    import sys
+
+    from tests.conftest import write_png_folder
+
+    root = write_png_folder(tmp_path / "imgs", train=2, val=1)
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator.run", "--config", "configs/deit_s_imagenet.yaml",
+         "--dry-run", "--address", "auto", f"data.root={root}", f"output_dir={tmp_path}",
+         "model.pretrained_file=null", "model.num_classes=10"],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "target_gmacs: 1.0" in r.stdout and "epochs: 100" in r.stdout
