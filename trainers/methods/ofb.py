@@ -204,6 +204,11 @@ class OFB(SearchMethod):
         if sn.is_finished:
             return False
         self._sync(sn)
+        # published: alpha's Adam state starts afresh at every elimination tick (its second
+        # moment would otherwise remember the one-hot loss's large early gradients for ~1000
+        # steps and freeze alpha once that loss is held back or has done its work)
+        for m in sn.searchable():
+            optimizer.state.pop(m.alpha, None)
         tol = self.opts.macs_tolerance
         if tol is not None:
             with torch.no_grad():
@@ -217,9 +222,6 @@ class OFB(SearchMethod):
             if not m.is_finished and m.n_live() == 1:
                 m.finish(optimizer)
                 changed = True
-        if changed:  # published: alpha's Adam state starts afresh at every elimination
-            for m in sn.searchable():
-                optimizer.state.pop(m.alpha, None)
         if sn.is_finished:
             sn.freeze_decoder()
         return changed
