@@ -142,6 +142,13 @@ def build(rows: Rows, dense: Dense) -> Report:
                     "top1_before_ft": statistics.fmean(before) if before else None,
                     "macs": statistics.fmean(r.macs for r in rs),
                     "macs_of_dense": statistics.fmean(r.macs / r.dense_macs for r in rs),
+                    "target_of_dense": statistics.fmean((r.target_macs or 0) / r.dense_macs
+                                                        for r in rs),
+                    # a subnet above its MACs target is flagged, never silently compared
+                    "over_target": sum(bool(r.target_macs) and r.macs > r.target_macs
+                                       for r in rs),
+                    "argmax_modules": sum(r.argmax_modules or 0 for r in rs),
+                    "additions": "; ".join(sorted({r.additions for r in rs if r.additions})),
                     "params": statistics.fmean(r.params for r in rs),
                     **_flat("search", _mean_hours([r.phase_hours()["search"] for r in rs])),
                     **_flat("total", _mean_hours([r.total_hours(share) for r in rs]))})
@@ -190,11 +197,14 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
     search_kinds = kinds_in(*(group_hours(g, "search") for g in groups))
     total_kinds = kinds_in(*(group_hours(g, "total") for g in groups))
     head = ["method", "budget", "trials", "top-1 mean", "top-1 best", "before FT", "MACs",
-            "of dense", "params", *(f"search {unit(k)}" for k in search_kinds),
+            "of dense", "target", "over target", "argmax", "params",
+            *(f"search {unit(k)}" for k in search_kinds),
             *(f"total {unit(k)}" for k in total_kinds)]
     body = [[g["method"], g["budget"], str(g["trials"]), pct(g["top1_mean"]) + sd(g["top1_sd"]),
              pct(g["top1_best"]), pct(g["top1_before_ft"]), f"{g['macs'] / 1e6:.2f}M",
-             f"{100 * g['macs_of_dense']:.1f}%", f"{g['params'] / 1e6:.3f}M",
+             f"{100 * g['macs_of_dense']:.1f}%", f"{100 * g['target_of_dense']:.1f}%",
+             f"{g['over_target']}" + (" !" if g["over_target"] else ""),
+             str(g["argmax_modules"]), f"{g['params'] / 1e6:.3f}M",
              *(f"{g.get(f'search_{hours_name(k)}', 0.0):.4f}" for k in search_kinds),
              *(f"{g.get(f'total_{hours_name(k)}', 0.0):.4f}" for k in total_kinds)]
             for g in groups]
@@ -207,6 +217,14 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
     lines = [f"== subnets per method and budget (costs in {units}) ==", _table(head, body)]
     lines.append("   top-1 on the test set after the shared fine-tune: mean +/- sd over trials "
                  "(seeds); 'before FT' = right after extraction, mean; MACs and params: mean")
+    lines.append("   target: the MACs budget (of dense); over target: trials whose subnet is "
+                 "above it (flagged '!'); argmax: modules decided at the epoch cap, summed")
+    lines.append("   equal training: methods whose search trains no weights fine-tune for "
+                 "search + fine-tune epochs; search costs count training only, not evaluation")
+    marked = [g for g in groups if g["additions"]]
+    for g in marked:
+        lines.append(f"   {g['method']} {g['budget']} used our additions to the published "
+                     f"method: {g['additions']}")
     if "infeasible" in head:
         lines.append("   infeasible = trials above sweep.max_macs: their top-1 is as measured, "
                      "and 'top-1 best' is the best feasible trial's when the group has one")

@@ -35,3 +35,22 @@ def test_deit_s_config_passes_dry_run_with_an_image_folder(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "target_gmacs: 1.0" in r.stdout and "epochs: 100" in r.stdout
+
+
+def test_report_flags_a_subnet_above_its_target_and_marks_additions():
+    from orchestrator.records import TrialRecord
+    from orchestrator.report import Dense, build
+
+    def rec(method, macs, additions="", trial="t"):
+        return TrialRecord(trial_id=trial, method=method, target_macs=500, macs=macs,
+                           params=10, dense_macs=1000, top1=0.8, top1_before_finetune=0.7,
+                           search_device_hours=0.1, finetune_device_hours=0.1,
+                           device_kind="cpu_core", argmax_modules=2, additions=additions)
+
+    rows = [rec("ofb", 520, '{"ofb.macs_tolerance": 0.02}'), rec("two_stage_taylor", 495)]
+    r = build(rows, Dense(0.9, 1000, 1.0))
+    g = {x["method"]: x for x in r.groups}
+    assert g["ofb"]["over_target"] == 1 and g["two_stage_taylor"]["over_target"] == 0
+    assert g["ofb"]["target_of_dense"] == 0.5 and g["ofb"]["argmax_modules"] == 2
+    assert "1 !" in r.text and "ofb.macs_tolerance" in r.text
+    assert "equal training" in r.text
