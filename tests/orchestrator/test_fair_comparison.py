@@ -54,3 +54,22 @@ def test_report_flags_a_subnet_above_its_target_and_marks_additions():
     assert g["ofb"]["target_of_dense"] == 0.5 and g["ofb"]["argmax_modules"] == 2
     assert "1 !" in r.text and "ofb.macs_tolerance" in r.text
     assert "equal training" in r.text
+
+
+def test_vit_slim_l1_weights_are_the_published_effective_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import write_png_folder
+    from trainers.config import SearchConfig
+
+    o = SearchConfig(method="vit_slim").vit_slim
+    assert (o.l1_attn, o.l1_mlp, o.l1_tok) == (2e-4 / 4, 5e-5 / 4, 1e-4 / 4)
+    root = write_png_folder(tmp_path / "imgs", train=2, val=1)
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator.run", "--config",
+         "configs/vit_slim_deit_s_reference.yaml", "--dry-run", "--address", "auto",
+         f"data.root={root}", f"output_dir={tmp_path}", "model.pretrained_file=null",
+         "model.num_classes=10"],
+        capture_output=True, text=True, timeout=300)
+    assert "l1_attn: 5.0e-05" in r.stdout or "l1_attn: 5e-05" in r.stdout, r.stderr[-1500:]
