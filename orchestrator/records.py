@@ -22,7 +22,7 @@ OBJECTIVE_TOP1 = "objective_top1"  # the search algorithm's metric when sweep.ma
 # numeric fields logged as MLflow metrics of a trial's run (the rest go to tags); the phases'
 # device-hours are logged under names that carry their unit (`search_gpu_hours`, ...)
 MLFLOW_METRICS = ("top1", "top1_before_finetune", "macs", "params", "target_macs", "dense_macs",
-                  "trial_wall_s", "trial_overhead_s")
+                  "trial_wall_s", "trial_overhead_s", "argmax_modules")
 
 # -- device-hours: GPU-hours and CPU-core-hours are different units and never added together --
 DEVICE_KINDS = ("gpu", "cpu_core")
@@ -160,6 +160,8 @@ class TrialRecord:
             tags["finetune_device_kind"] = self.finetune_device_kind
         if self.search_note:
             tags["search_note"] = str(self.search_note)[:5000]
+        if self.additions:  # our non-published options: the run is marked with them
+            tags["additions"] = self.additions
         return tags
 
     # -- constructors -----------------------------------------------------------------------
@@ -191,7 +193,7 @@ class TrialRecord:
                     ) -> TrialRecord:
         """A record read back from a trial's MLflow run (what `mlflow_metrics`/`_tags` wrote)."""
         m = {k: metrics.get(k) for k in MLFLOW_METRICS}
-        for k in ("macs", "params", "dense_macs"):
+        for k in ("macs", "params", "dense_macs", "argmax_modules"):
             m[k] = None if m[k] is None else int(m[k])
         kind, ft_kind = tags.get("device_kind") or None, tags.get("finetune_device_kind") or None
         for phase, k in (("search", kind), ("finetune", ft_kind or kind)):
@@ -201,7 +203,7 @@ class TrialRecord:
         return cls(trial_id=tags.get("trial_id", ""), method=tags.get("method", ""),
                    feasible=tags.get("feasible", "true") != "false", mlflow_run_id=run_id,
                    device_kind=kind, finetune_device_kind=ft_kind, node_id=tags.get("node_id"),
-                   search_note=tags.get("search_note"), **m)
+                   search_note=tags.get("search_note"), additions=tags.get("additions", ""), **m)
 
 
 SCALAR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrialRecord) if f.name != "hparams")

@@ -24,14 +24,16 @@ def test_search_survives_a_killed_worker_and_meets_the_budget(ray_cluster, tmp_p
         "model.num_heads": 4, "search.epochs": 12, "search.lr_warmup_epochs": 0.5,
         "search.ofb.ramp_epochs": 0.5,
         "search.ofb.alpha_lr": 0.05, "search.ofb.eliminations_per_epoch": 4, "search.budget": 0.5,
+        "search.ofb.macs_tolerance": 0.02, "search.ofb.defer_elimination": True,
         "finetune.epochs": 1, "scaling.max_failures": 2}))
     dense = run_pretrain(cfg)
     run_dir = cfg.run_dir / "ray" / f"search-{cfg.search_key()}"
     res = run_and_kill_after_checkpoint(lambda: run_search(cfg, dense), run_dir)
     f = res.final
     assert f["resumed_from_epoch"] >= 1, "the search restarted from scratch, not its checkpoint"
-    assert not f["note"], f"the search did not finish by elimination: {f['note']}"
-    assert f["macs"] == pytest.approx(0.5 * f["dense_macs"], rel=0.05)
+    # modules still open at the cap are decided by argmax, and the record says how many
+    assert (f["argmax_modules"] > 0) == bool(f["note"])
+    assert 0.85 * 0.5 * f["dense_macs"] <= f["macs"] <= 0.5 * f["dense_macs"]  # one-sided
     hist = res.history
     assert {"val_top1", "expected_macs", "current_macs", "live_candidates", "lambda",
             "mask_ratio"} <= set(hist[0])
