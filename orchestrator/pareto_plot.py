@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.records import TrialRecord, as_record, kinds_in, unit
+from orchestrator.records import TrialRecord, as_record, group_label, kinds_in, unit, variant
 from orchestrator.report import TOP1_VS_MACS, Dense, Rows, pareto_front
 
 
 def plot_pareto(rows: Rows, dense: Dense, path: Path, title: str) -> Path:
-    """Top-1 vs MACs, one series per method, marker area ~ search cost, the Pareto front;
-    trials above sweep.max_macs are crossed out."""
+    """Top-1 vs MACs, one series per method (and variant), marker area ~ search cost, the
+    Pareto front; trials above sweep.max_macs are crossed out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,11 +21,13 @@ def plot_pareto(rows: Rows, dense: Dense, path: Path, title: str) -> Path:
     kinds = kinds_in(*(r.phase_hours()["search"] for r in recs))
     top_h = {k: max([r.search_device_hours or 0.0 for r in recs if _kind(r) == k] + [1e-9])
              for k in kinds}  # sizes are scaled per unit: GPU- and CPU-core-hours differ
-    for method in sorted({r.method for r in recs}):
-        rs = [r for r in recs if r.method == method]
+    series = sorted({(r.method, variant(r.additions)) for r in recs})
+    for method, v in series:  # one series per method, and per variant if a method has several
+        rs = [r for r in recs if (r.method, variant(r.additions)) == (method, v)]
+        label = group_label(method, v, [m for m, _ in series].count(method))
         ax.scatter([r.macs / 1e6 for r in rs], [100 * r.top1 for r in rs],
                    s=[30 + 370 * (r.search_device_hours or 0.0) / top_h[_kind(r)] for r in rs],
-                   alpha=0.7, label=method, edgecolors="black", linewidths=0.5)
+                   alpha=0.7, label=label, edgecolors="black", linewidths=0.5)
     if bad := [r for r in recs if not r.feasible]:
         ax.scatter([r.macs / 1e6 for r in bad], [100 * r.top1 for r in bad], marker="x", s=80,
                    c="red", label="infeasible (> max_macs)", zorder=3)

@@ -12,7 +12,9 @@ and none of them imports another for it.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -230,3 +232,20 @@ def rank_key(rec: TrialRecord) -> tuple[bool, float]:
 
 def best_of(records: Iterable[TrialRecord]) -> TrialRecord:
     return max(records, key=rank_key)
+
+
+def variant(additions: str | None) -> str:
+    """The names of our additions a trial used ("" = the published method): trials group by
+    method, budget and variant, so a sweep that mixes variants never averages them together.
+    Values (e.g. a sampled temperature) stay in the group's `additions`."""
+    return ",".join(sorted(json.loads(additions))) if additions else ""
+
+
+def group_label(method: str, variant: str, n_variants: int) -> str:
+    """The method's name, with its variant when the sweep ran more than one of that method."""
+    return method if n_variants == 1 else f"{method}[{variant or 'published'}]"
+
+
+def metric_name(label: str) -> str:
+    """A group label as MLflow accepts it in a metric name (no brackets or commas)."""
+    return re.sub(r"[^\w./ -]", "-", label).strip("-")

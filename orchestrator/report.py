@@ -1,8 +1,9 @@
 """`python -m orchestrator.report <sweep folder | MLflow experiment>`: compare searched subnets.
 
-Prints, per method and MACs budget, top-1 (mean +/- sd and best over trials, i.e. seeds, and
-the mean right after extraction, before fine-tune), MACs, params, search cost and total cost in
-device-hours (the `dense_control` row: the dense model fine-tuned the same way, not pruned);
+Prints, per method and MACs budget (and variant: trials that used our additions group apart),
+top-1 (mean +/- sd and best over trials, i.e. seeds, and the mean right after extraction),
+MACs, params, search cost and total cost in device-hours (the `dense_control` row: the dense
+model fine-tuned the same way, not pruned);
 then the cost comparison: every method's search cost against the dense model's training cost
 and, at equal budget, OFB's search cost over each two-stage method's. Writes
 `report/{table.txt,comparison.json,pareto.png}` (top-1 vs MACs, one series per method, marker
@@ -39,9 +40,12 @@ from orchestrator.records import (
     as_record,
     best_of,
     format_hours,
+    group_label,
     hours_name,
     kinds_in,
+    metric_name,
     unit,
+    variant,
 )
 
 Rows = Iterable[TrialRecord | Mapping[str, Any]]  # records, or flat rows (results.parquet's)
@@ -128,14 +132,19 @@ def build(rows: Rows, dense: Dense) -> Report:
     recs = [r for r in map(as_record, rows) if r.top1 is not None and r.dense_macs]
     share = {dense.device_kind: dense.device_hours / max(len(recs), 1)} \
         if dense.device_hours else {}
-    groups: dict[tuple[str, str], list[TrialRecord]] = {}
+    groups: dict[tuple[str, str, str], list[TrialRecord]] = {}
     for r in recs:
-        groups.setdefault((r.method, r.budget), []).append(r)
+        groups.setdefault((r.method, r.budget, variant(r.additions)), []).append(r)
+    variants: dict[str, set[str]] = {}
+    for method, _, v in groups:
+        variants.setdefault(method, set()).add(v)
     out = []
-    for (method, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -_pct(kv[0]))):
+    for (method, budget, v), rs in sorted(groups.items(),
+                                          key=lambda kv: (kv[0][0], kv[0][2], -_pct(kv[0]))):
         top1 = [r.top1 for r in rs]
         before = [r.top1_before_finetune for r in rs if r.top1_before_finetune is not None]
-        out.append({"method": method, "budget": budget, "trials": len(rs),
+        label = group_label(method, v, len(variants[method]))
+        out.append({"method": method, "label": label, "budget": budget, "trials": len(rs),
                     "infeasible": sum(not r.feasible for r in rs),
                     "top1_best": best_of(rs).top1, "top1_mean": statistics.fmean(top1),
                     "top1_sd": statistics.stdev(top1) if len(rs) > 1 else None,
@@ -153,37 +162,35 @@ def build(rows: Rows, dense: Dense) -> Report:
                     **_flat("search", _mean_hours([r.phase_hours()["search"] for r in rs])),
                     **_flat("total", _mean_hours([r.total_hours(share) for r in rs]))})
     comparison, metrics = [], {}
-    for method in sorted({g["method"] for g in out}):
-        search = _mean_hours([group_hours(g, "search") for g in out if g["method"] == method])
+    for label in sorted({g["label"] for g in out}):
+        search = _mean_hours([group_hours(g, "search") for g in out if g["label"] == label])
         vs_dense = _ratio(search, dense.hours)
-        comparison.append({"compare": f"{method} search vs dense training", "budget": "all",
+        comparison.append({"compare": f"{label} search vs dense training", "budget": "all",
                            "a_hours": search, "b_hours": dense.hours, "ratio": vs_dense})
+        name = metric_name(label)
         if vs_dense is not None:
-            metrics[f"cost_ratio/{method}_search_vs_dense_training"] = vs_dense
-        metrics.update({f"{k}/{method}": v for k, v in _flat("search", search).items()})
-    by_key = {(g["method"], g["budget"]): g for g in out}
-    for (method, budget), g in sorted(by_key.items()):
-        ref = by_key.get((REFERENCE, budget))
-        if method == REFERENCE or ref is None:
-            continue
-        a, b = group_hours(ref, "search"), group_hours(g, "search")
-        ratio = _ratio(a, b)
-        comparison.append({"compare": f"{REFERENCE} vs {method} search", "budget": budget,
-                           "a_hours": a, "b_hours": b, "ratio": ratio})
-        if ratio is not None:
-            metrics[f"cost_ratio/{REFERENCE}_vs_{method}/{budget}"] = ratio
-            metrics[f"top1_gain/{REFERENCE}_vs_{method}/{budget}"] = (
-                ref["top1_mean"] - g["top1_mean"])
+            metrics[f"cost_ratio/{name}_search_vs_dense_training"] = vs_dense
+        metrics.update({f"{k}/{name}": v for k, v in _flat("search", search).items()})
+    for ref in (g for g in out if g["method"] == REFERENCE):
+        for g in (g for g in out if g["method"] != REFERENCE and g["budget"] == ref["budget"]):
+            a, b = group_hours(ref, "search"), group_hours(g, "search")
+            ratio, budget = _ratio(a, b), g["budget"]
+            comparison.append({"compare": f"{ref['label']} vs {g['label']} search",
+                               "budget": budget, "a_hours": a, "b_hours": b, "ratio": ratio})
+            if ratio is not None:
+                pair = f"{metric_name(ref['label'])}_vs_{metric_name(g['label'])}/{budget}"
+                metrics[f"cost_ratio/{pair}"] = ratio
+                metrics[f"top1_gain/{pair}"] = ref["top1_mean"] - g["top1_mean"]
     control = [g for g in out if g["method"] == CONTROL]
     for g in out:
-        metrics[f"top1/{g['method']}/{g['budget']}"] = g["top1_mean"]
+        metrics[f"top1/{metric_name(g['label'])}/{g['budget']}"] = g["top1_mean"]
         if control and g["method"] != CONTROL:
-            metrics[f"top1_vs_control/{g['method']}/{g['budget']}"] = (
+            metrics[f"top1_vs_control/{metric_name(g['label'])}/{g['budget']}"] = (
                 g["top1_mean"] - control[0]["top1_mean"])
     return Report(out, comparison, metrics, render(out, comparison, dense))
 
 
-def _pct(key: tuple[str, str]) -> int:
+def _pct(key: tuple[str, ...]) -> int:
     return int(key[1].removesuffix("pct") or 0)
 
 
@@ -200,7 +207,7 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
             "of dense", "target", "over target", "argmax", "params",
             *(f"search {unit(k)}" for k in search_kinds),
             *(f"total {unit(k)}" for k in total_kinds)]
-    body = [[g["method"], g["budget"], str(g["trials"]), pct(g["top1_mean"]) + sd(g["top1_sd"]),
+    body = [[g["label"], g["budget"], str(g["trials"]), pct(g["top1_mean"]) + sd(g["top1_sd"]),
              pct(g["top1_best"]), pct(g["top1_before_ft"]), f"{g['macs'] / 1e6:.2f}M",
              f"{100 * g['macs_of_dense']:.1f}%", f"{100 * g['target_of_dense']:.1f}%",
              f"{g['over_target']}" + (" !" if g["over_target"] else ""),
@@ -223,7 +230,7 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
                  "search + fine-tune epochs; search costs count training only, not evaluation")
     marked = [g for g in groups if g["additions"]]
     for g in marked:
-        lines.append(f"   {g['method']} {g['budget']} used our additions to the published "
+        lines.append(f"   {g['label']} {g['budget']} used our additions to the published "
                      f"method: {g['additions']}")
     if "infeasible" in head:
         lines.append("   infeasible = trials above sweep.max_macs: their top-1 is as measured, "

@@ -56,6 +56,36 @@ def test_report_flags_a_subnet_above_its_target_and_marks_additions():
     assert "equal training" in r.text
 
 
+def test_report_never_averages_the_published_method_with_our_variant():
+    """A sweep that runs OFB as published and with our additions reports them as two groups,
+    each compared with the baselines; metric names stay valid for MLflow."""
+    import re
+
+    from orchestrator.records import TrialRecord
+    from orchestrator.report import Dense, build
+
+    def rec(method, top1, hours, additions=""):
+        return TrialRecord(trial_id="t", method=method, target_macs=500, macs=480, params=10,
+                           dense_macs=1000, top1=top1, search_device_hours=hours,
+                           finetune_device_hours=0.1, device_kind="cpu_core",
+                           additions=additions)
+
+    tol = '{"ofb.defer_elimination": true, "ofb.macs_tolerance": 0.02}'
+    rows = [rec("ofb", 0.80, 0.2), rec("ofb", 0.82, 0.2), rec("ofb", 0.90, 0.4, tol),
+            rec("vit_slim", 0.85, 0.8)]
+    r = build(rows, Dense(0.9, 1000, 1.0))
+    g = {x["label"]: x for x in r.groups}
+    assert set(g) == {"ofb[published]", "ofb[ofb.defer_elimination,ofb.macs_tolerance]",
+                      "vit_slim"}
+    assert g["ofb[published]"]["top1_mean"] == pytest.approx(0.81)
+    assert g["ofb[ofb.defer_elimination,ofb.macs_tolerance]"]["trials"] == 1
+    ratios = {k: v for k, v in r.metrics.items() if k.startswith("cost_ratio/ofb")
+              and "_vs_vit_slim" in k}
+    assert sorted(ratios.values()) == pytest.approx([0.25, 0.5])
+    assert all(re.fullmatch(r"[\w./ -]+", k) for k in r.metrics), list(r.metrics)
+    assert "ofb[published] vs vit_slim search" in r.text
+
+
 def test_vit_slim_l1_weights_are_the_published_effective_ones(tmp_path):
     import subprocess
     import sys
