@@ -59,6 +59,9 @@ class SearchableAttention(SearchableMixin, Attention):
         new._init_search((attn.num_heads, attn.head_dim), len(cells), dev)
         return new  # self.scale (1/sqrt(dense head dim)) is kept through every slice
 
+    def candidate_widths(self) -> list[int]:
+        return [h * d for h, d in self._cells]
+
     def _widest(self) -> tuple[int, int]:
         cells = self._live_values(self._cells)
         return max(h for h, _ in cells), max(d for _, d in cells)

@@ -72,6 +72,9 @@ class SearchableMixin:
     def n_live(self) -> int:
         return sum(self._host_live)
 
+    def live_indices(self) -> list[int]:
+        return [i for i, alive in enumerate(self._host_live) if alive]
+
     def _live_values(self, values: list) -> list:
         return [v for v, alive in zip(values, self._host_live, strict=True) if alive]
 
@@ -112,12 +115,14 @@ class SearchableMixin:
         with torch.no_grad():
             self._slice_units(optimizer)
 
-    def finish(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Keep only the argmax candidate, slice to it, and make the mask the module's
-        `channel_scale` (trainable with fresh optimizer state unless `freeze_finished`)."""
+    def finish(self, optimizer: torch.optim.Optimizer | None = None,
+               index: int | None = None) -> None:
+        """Keep only candidate `index` (default: the argmax), slice to it, and make the mask the
+        module's `channel_scale` (trainable with fresh optimizer state unless
+        `freeze_finished`)."""
         with torch.no_grad():
             keep = torch.zeros_like(self.live)
-            keep[torch.argmax(self.probs())] = True
+            keep[torch.argmax(self.probs()) if index is None else index] = True
             self.live.copy_(keep)
             self._refresh_host()
             self._slice_units(optimizer)
@@ -149,6 +154,10 @@ class SearchableMixin:
     def expected_width(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def candidate_widths(self) -> list[int]:
+        """Each candidate's unit count (attention: heads x dims), live or not."""
+        raise NotImplementedError
+
     def resize_(self, widths: tuple[int, ...]) -> None:
         """Shrink to `widths` without caring about values (restoring a checkpoint)."""
         raise NotImplementedError
@@ -170,6 +179,9 @@ class VectorUnits(SearchableMixin):
         self.register_buffer("cand_widths", torch.tensor(widths).to(device))
         self._widths = list(widths)
         self._init_search((widths[-1],), len(widths), device)
+
+    def candidate_widths(self) -> list[int]:
+        return list(self._widths)
 
     def n_units(self) -> int:
         """The current physical width."""

@@ -17,6 +17,9 @@ exactly output-preserving, because LayerNorm then normalises over the kept chann
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
@@ -132,12 +135,18 @@ class SearchableViT(nn.Module):
 
     def expected_macs(self) -> torch.Tensor:
         """F(alpha): analytic MACs at the expected widths (differentiable in alpha)."""
+        return self.macs_at(lambda m: m.expected_width())
+
+    def macs_at(self, width: Callable[[SearchableMixin], Any]) -> Any:
+        """Analytic MACs with `width(module)` units in each searchable module (attention:
+        heads x dims); the counter's formulas, so a choice of candidates costs what its
+        exported subnet will."""
         a, T = self.dense_arch, self.dense_arch.num_tokens
-        D = self.vit.patch_embed.expected_width()
+        D = width(self.vit.patch_embed)
         total = stem_head_macs(a, D)
         for b in self.vit.blocks:
-            total = total + attn_macs(T, D, b.attn.expected_width(), 1)
-            total = total + mlp_macs(T, D, b.mlp.expected_width())
+            total = total + attn_macs(T, D, width(b.attn), 1)
+            total = total + mlp_macs(T, D, width(b.mlp))
         return total
 
     # --- forward -----------------------------------------------------------------------------

@@ -26,6 +26,9 @@ Our additions, each off by default and recorded with the trial when used (`addit
   budget (measured on a tiny ViT at a 30% budget: 1.12-1.37x the target for MACs-loss weights
   5 to 50; a two-sided 2% tolerance met 0.5 and 0.3 budgets at 0.96-1.05x).
 - `temperature` other than 1: divides alpha in the one-hot loss only.
+- `cap_within_budget`: modules still undecided at the epoch cap take the most probable choice
+  within the budget (and the `macs_tolerance` band, if set) instead of each its argmax
+  (search_space/ofb/cap.py).
 
 Other decisions: before each elimination alpha is averaged over workers and S broadcast from
 rank 0, so every worker slices identically. Three AdamW groups as published (weights + S,
@@ -48,6 +51,7 @@ from search_space.arch import ViTArch
 from search_space.cost import count_macs
 from search_space.models import unwrap
 from search_space.ofb import bimask, pmim
+from search_space.ofb.cap import choose_within_budget
 from search_space.ofb.extract import extract_subnet
 from search_space.ofb.supernet import SearchableViT
 from trainers.methods.base import SearchMethod, register_method
@@ -61,7 +65,7 @@ class OFBOptions(Section):
     # ours, not published: recorded with a trial that changes them from these values
     ADDITIONS: ClassVar[dict[str, Any]] = {
         "alpha_lr": None, "defer_elimination": False, "macs_tolerance": None, "temperature": 1.0,
-        "embed_mask_on_branches": False, "freeze_finished": False}
+        "embed_mask_on_branches": False, "freeze_finished": False, "cap_within_budget": False}
 
     ramp_epochs: float = Field(1, ge=0, description="lambda 0.99 -> 0.1 and PMIM mask-ratio "
                                "ramp (published: 20 of 100 epochs)")
@@ -87,6 +91,9 @@ class OFBOptions(Section):
         None, gt=0, description="ours, 'budget first': decide only while target - this x dense "
         "MACs <= expected MACs <= target, with an adaptive MACs-loss weight; null = always, "
         "weight fixed (published)")
+    cap_within_budget: bool = Field(False, description="ours: at the epoch cap, undecided "
+                                    "modules take the most probable choice within the budget "
+                                    "(search_space/ofb/cap.py); published: each its argmax")
     eliminations_per_epoch: int = Field(3, ge=1)
     elimination_factor: float = Field(0.2, gt=0, lt=1)
 
@@ -236,12 +243,18 @@ class OFB(SearchMethod):
             return ""
         self._sync(sn)
         self.decided_by_argmax = len(open_)
-        for _, m in sn.named_searchable():
+        choice, how = {}, "each took its most probable candidate"
+        if self.opts.cap_within_budget:
+            tol = self.opts.macs_tolerance
+            low = None if tol is None else self.target_macs - tol * self.dense_macs
+            choice = choose_within_budget(sn, self.target_macs, low)
+            how = "they took the most probable choice within the budget (cap_within_budget)"
+        for m in sn.searchable():
             if not m.is_finished:
-                m.finish(optimizer)
+                m.finish(optimizer, choice.get(m))
         sn.freeze_decoder()
         return (f"search reached its epoch cap with {len(open_)} undecided module(s) "
-                f"({', '.join(open_)}); each took its most probable candidate")
+                f"({', '.join(open_)}); {how}")
 
     def extract(self, model):
         return extract_subnet(unwrap(model))
