@@ -79,3 +79,17 @@ def test_vit_slim_with_token_multipliers():
     assert subnet(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
     assert "l1" in st.terms and all(not torch.all(z == 1) for z in model.zeta_tok)  # trained
     assert 0 < method.metrics(model)["tanh_zeta_tok_mean"] < 1
+
+
+def test_vit_slim_stage_2_reports_its_choice():
+    """One q/k width per exported block: the note says which heads x dims each block keeps and
+    how much of the published per-(head, dim) mask's |zeta| that retains (<= 100%)."""
+    import re
+
+    method, model, _, arch, _, _ = _run("vit_slim", 0.5)
+    note = method.finalize(model, None)
+    m = re.search(r"per block (.*): ([\d.]+)% of the", note)
+    assert m, note
+    shape = [tuple(map(int, b.split("x"))) for b in m.group(1).split(", ")]
+    assert shape == [(b.num_heads, b.head_dim) for b in arch.blocks]
+    assert 50 < float(m.group(2)) <= 100

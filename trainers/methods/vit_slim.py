@@ -9,7 +9,17 @@ the weights (the kept units keep their learned scale: the pruned model computes 
 searched one did, minus the pruned units), then one global threshold per unit type, at the
 quantile that meets the MACs budget (counted by the shared analytic counter, not a parameter
 fraction as published), picks the units; the subnet is physically sliced (the original only
-masked) and exported like OFB's, then fine-tuned by the same fine-tune loop. With token
+masked) and exported like OFB's, then fine-tuned by the same fine-tune loop.
+
+Why stage 2 gives every kept head of a block the same number of dims (the published mask keeps
+an arbitrary (head, dim) set): zeta_attn scales q, k and v of a unit together, so a head's own
+kept dims would need its own q/k width, and the exported attention has one q/k width per block
+(timm's Attention, and METHODS.md section 7's settled arch.json, whose `v_dims` gives each head
+its own value width only). As METHODS.md section 2 settles, a block keeps the heads with any unit
+above the threshold, each keeping its own strongest dims (which dims is per head; only their
+count is shared: the mean count above the threshold), and the search's note reports the choice:
+the |zeta_attn| mass the export keeps over what the published mask would keep with as many
+attention units. With token
 multipliers, the token threshold shares the quantile, token keep-sets are monotone over depth,
 and the subnet drops the pruned positions for good (search_space/tokens.py). Off by default:
 on small inputs (16 patches here) one position is a coarse unit, and a token-pruned subnet runs
@@ -27,7 +37,7 @@ from torch import nn
 
 from search_space.arch import ViTArch
 from search_space.models import unwrap
-from search_space.prune import apply_plan
+from search_space.prune import PrunePlan, apply_plan
 from search_space.slim.multipliers import SlimViT
 from search_space.two_stage.allocate import allocate_threshold
 from trainers.methods.base import SearchMethod, register_method
@@ -71,13 +81,30 @@ class ViTSlim(SearchMethod):
     def finished(self, model: nn.Module) -> bool:
         return False  # searches for search.epochs, as published (50 epochs on ImageNet)
 
-    def extract(self, model: nn.Module) -> tuple[nn.Module, ViTArch]:
-        sv: SlimViT = copy.deepcopy(unwrap(model))
+    def finalize(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+        """Stage 2's choice, told to the user (recorded as the search's note)."""
+        sv: SlimViT = unwrap(model)
+        plan, scores = self._plan(sv), sv.scores()
+        kept = sum(float(a[h.to(a.device)].gather(1, d.to(a.device)).sum())
+                   for a, h, d in zip(scores.attn, plan.heads, plan.dims, strict=True))
+        n = sum(d.numel() for d in plan.dims)
+        flat = torch.cat([a.flatten() for a in scores.attn])
+        best = float(torch.topk(flat, n).values.sum())
+        shape = ", ".join(f"{len(h)}x{d.shape[1]}" for h, d in zip(plan.heads, plan.dims,
+                                                                     strict=True))
+        return (f"stage 2 kept heads x dims per block {shape}: {kept / best:.1%} of the "
+                f"|zeta_attn| the published per-(head, dim) mask keeps with as many units")
+
+    def _plan(self, sv: SlimViT) -> PrunePlan:
         scales = sv.token_scales()
         plan = allocate_threshold(sv.scores(), self.dense_arch, self.target_macs,
                                   None if scales is None else [t.abs() for t in scales])
         plan.token_scale = scales
-        return apply_plan(sv.fold(), plan)
+        return plan
+
+    def extract(self, model: nn.Module) -> tuple[nn.Module, ViTArch]:
+        sv: SlimViT = copy.deepcopy(unwrap(model))
+        return apply_plan(sv.fold(), self._plan(sv))
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         sv: SlimViT = unwrap(model)
