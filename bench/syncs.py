@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search_space.arch import ViTArch  # noqa: E402
 from search_space.models import build_vit  # noqa: E402
-from tests.device_strict import DEVICE, StrictDevice  # noqa: E402
+from tests.device_strict import DEVICE, StrictDevice, mark_steps  # noqa: E402
 from trainers.config import SearchConfig  # noqa: E402
 from trainers.loop import train_one_epoch  # noqa: E402
 from trainers.methods import get_method, list_methods  # noqa: E402
@@ -36,13 +36,6 @@ MODELS = {
     "deit_s": dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384,
                    depth=12, num_heads=6),
 }
-
-
-def counted(batches: list, mode: StrictDevice, marks: list[int]):
-    """Yield the batches, noting the sync count as each one is taken (= end of previous step)."""
-    for b in batches:
-        marks.append(mode.syncs)
-        yield b
 
 
 def per_step(name: str | None, spec: dict, batches: list, steps: int) -> list[int]:
@@ -60,7 +53,7 @@ def per_step(name: str | None, spec: dict, batches: list, steps: int) -> list[in
             method.setup(DEVICE)
             model = method.wrap(dense).to(DEVICE)
             opt = torch.optim.AdamW(method.param_groups(model), lr=1e-3)
-        train_one_epoch(model, counted(batches, mode, marks), opt, None, DEVICE,
+        train_one_epoch(model, mark_steps(batches, mode, marks), opt, None, DEVICE,
                         grad_clip=5.0, method=method, max_steps=steps)
         marks.append(mode.syncs)
     return [b - a for a, b in zip(marks, marks[1:], strict=False)]

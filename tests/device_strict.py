@@ -143,3 +143,11 @@ def _unwrap(a):
 
 def _wrap(a):
     return StandIn(a) if isinstance(a, torch.Tensor) and not isinstance(a, StandIn) else a
+
+
+def mark_steps(batches, mode: StrictDevice, marks: list[int]):
+    """Yield the batches, noting the sync count as each one is taken (= the end of the previous
+    step): consecutive differences of `marks` are the syncs per step."""
+    for b in batches:
+        marks.append(mode.syncs)
+        yield b

@@ -131,8 +131,9 @@ def train_one_epoch(
                 model = rewrap(getattr(model, "module", model))
         b = targets.shape[0]
         with torch.no_grad():
-            _accumulate(sums, {"loss": loss, "correct": (logits.argmax(-1) == targets).sum(),
-                               **{f"term/{k}": v for k, v in extra.items()}}, b)
+            _accumulate(sums, {"loss": loss.detach() * b,
+                               "correct": (logits.argmax(-1) == targets).sum(),
+                               **{f"term/{k}": v.detach() * b for k, v in extra.items()}})
         st.images += b
         st.steps += 1
         if progress is not None and progress_every and st.steps % progress_every == 0:
@@ -143,18 +144,23 @@ def train_one_epoch(
     return st
 
 
-def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor], b: int) -> None:
-    """sums[k] += values[k] * b (the count of correct predictions is already a sum)."""
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """sums[k] += values[k], on the device (values are already per-batch sums)."""
     for k, v in values.items():
-        v = v.detach().float() * (1 if k == "correct" else b)
+        v = v.detach().float()
         sums[k] = sums[k] + v if k in sums else v
 
 
-def _fill(st: EpochStats, sums: dict[str, torch.Tensor], seconds: float) -> None:
-    """Per-image means of the running sums, with one device -> host transfer."""
+def _to_host(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Every running sum in one device -> host transfer."""
     keys = sorted(sums)
-    host = torch.stack([sums[k] for k in keys]).tolist() if keys else []
-    vals = dict(zip(keys, host, strict=True))
+    return dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist() if keys else [],
+                    strict=True))
+
+
+def _fill(st: EpochStats, sums: dict[str, torch.Tensor], seconds: float) -> None:
+    """Per-image means of the running sums."""
+    vals = _to_host(sums)
     n = max(st.images, 1)
     st.seconds = seconds
     st.loss, st.top1 = vals.get("loss", 0.0) / n, vals.get("correct", 0.0) / n
@@ -176,11 +182,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
             logits = model(images)
         _accumulate(sums, {"loss_sum": F.cross_entropy(logits.float(), targets,
                                                        reduction="sum"),
-                           "correct": (logits.argmax(-1) == targets).sum()}, 1)
+                           "correct": (logits.argmax(-1) == targets).sum()})
         count += targets.shape[0]
-    keys = sorted(sums)
-    host = dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist() if keys else [],
-                    strict=True))
+    host = _to_host(sums)
     correct, loss_sum = host.get("correct", 0.0), host.get("loss_sum", 0.0)
     return {"correct": correct, "count": float(count), "loss_sum": loss_sum,
             "top1": correct / max(count, 1), "loss": loss_sum / max(count, 1)}

@@ -14,7 +14,7 @@ import torch
 from search_space.arch import ViTArch
 from search_space.models import unwrap
 from search_space.subnet import dummy_input, export_subnet, load_subnet
-from tests.device_strict import DEVICE, StrictDevice
+from tests.device_strict import DEVICE, StrictDevice, mark_steps
 from tests.trainers.test_method_contract import STEPS, _batches, _build, _dense
 from trainers.checkpoint import save_checkpoint
 from trainers.loop import train_one_epoch
@@ -30,15 +30,9 @@ PER_MODULE_AT_ELIMINATION = 8
 AT_EPOCH_END = 1
 
 
-def _counted(batches, mode, marks):
-    for b in batches:
-        marks.append(mode.syncs)
-        yield b
-
-
 def _steps(model, batches, opt, method, mode, step_offset=0):
     marks: list[int] = []
-    st = train_one_epoch(model, _counted(batches, mode, marks), opt, None, DEVICE,
+    st = train_one_epoch(model, mark_steps(batches, mode, marks), opt, None, DEVICE,
                          grad_clip=5.0, method=method, step_offset=step_offset)
     marks.append(mode.syncs)
     return st, [b - a for a, b in zip(marks, marks[1:], strict=False)]
