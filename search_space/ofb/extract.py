@@ -1,11 +1,12 @@
-"""OFB's subnet: every frozen mask of a finished supernet folded into a plain timm ViT.
+"""OFB's subnet: every finished module's scale folded into a plain timm ViT.
 
 The finished supernet is already sliced to its kept units; what is left are the per-channel
-scales (the masks (lambda sigmoid(S) + (1 - lambda) V at the moment each module finished). They fold
-exactly into the weights that read or write those units (search_space/groups.py): q/k/v rows,
-fc1 rows and bias (the MLP mask is on fc1's output, before GELU). The searched
-model computed attention with the dense model's scale 1/sqrt(d_dense) (timm's fused attention
-would silently switch to 1/sqrt(d_new)), so the ratio sqrt(d_new / d_dense) is folded into the
+scales (`channel_scale`: the mask lambda sigmoid(S) + (1 - lambda) V when the module finished,
+trained on since unless `freeze_finished`). They fold exactly into the weights that read or
+write those units (search_space/groups.py): q/k/v rows, fc1 rows and bias (the MLP mask is on
+fc1's output, before GELU). The searched model computed attention with the dense model's
+scale 1/sqrt(d_dense) (timm's fused attention would silently switch to 1/sqrt(d_new)), so the
+ratio sqrt(d_new / d_dense) is folded into the
 q rows: the exported model needs no custom attention class and runs anywhere timm runs.
 """
 

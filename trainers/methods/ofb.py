@@ -34,8 +34,8 @@ Other decisions: before each elimination alpha is averaged over workers and S br
 rank 0, so every worker slices identically. Three AdamW groups as published (weights + S,
 alpha with betas 0.5/0.999, decoder + mask token), weight decay by the shared policy
 (trainers/optim.py: S, alpha, the mask token and biases not decayed; published: alpha and the
-decoder bias decayed). At the epoch cap every unfinished module takes its argmax candidate, and
-the note and `argmax_modules` say how many.
+decoder bias decayed). At the epoch cap every unfinished module takes its argmax candidate (or, with
+`cap_within_budget`, the choice above), and the note and `argmax_modules` say how many.
 """
 
 from __future__ import annotations
