@@ -67,7 +67,7 @@ def search_loop(config: dict[str, Any]) -> None:
         splits.train, per_worker_batch, shuffle=True, seed=cfg.seed, drop_last=True,
         **worker.loader_options(cfg, env.device)), cfg.seed)
     steps_per_epoch = len(loader)
-    method = get_method(sc.method)(sc, steps_per_epoch, dense_arch)
+    method = get_method(sc.method)(sc, steps_per_epoch, dense_arch, seed=cfg.seed)
     method.setup(env.device)
     cap_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
     if (needed := method.max_steps()) is not None:  # e.g. two-stage scoring: a few batches
@@ -112,7 +112,7 @@ def search_loop(config: dict[str, Any]) -> None:
         steps = min(steps_per_epoch, cap_steps - epoch * steps_per_epoch)
         st = train_one_epoch(
             model, loader, optimizer, scheduler, env.device, env.precision, sc.label_smoothing,
-            sc.grad_clip, method=method, rewrap=rewrap, max_steps=steps,
+            method.grad_clip(), method=method, rewrap=rewrap, max_steps=steps,
             step_offset=epoch * steps_per_epoch,
             progress=progress_printer(env, "search", epoch, n_epochs, steps),
             progress_every=max(steps // 4, 1))

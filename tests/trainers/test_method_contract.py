@@ -48,7 +48,10 @@ def _build(name: str, dense_arch: ViTArch, dense: torch.nn.Module | None = None)
                        # reshape the supernet first
                        ofb={"ramp_epochs": 0, "eliminations_per_epoch": 2, "alpha_lr": 0.5,
                             "macs_tolerance": None, "elimination_factor": 0.9},
-                       two_stage={"score_batches": STEPS})
+                       two_stage={"score_batches": STEPS},
+                       # UVC: primal-dual from step 2, a gate SGD step (with momentum) at
+                       # steps 3 and 5, so the gate optimiser's state crosses the checkpoint
+                       uvc={"gate_warmup_epochs": 0.5, "gate_window": 2})
     method = get_method(name)(cfg, 4, dense_arch)
     method.setup(CPU)
     model = method.wrap(_dense() if dense is None else dense)

@@ -4,6 +4,7 @@ from trainers.methods import (  # noqa: F401  (importing registers each method)
     control,
     ofb,
     two_stage,
+    uvc,
     vit_slim,
 )
 from trainers.methods.base import (

@@ -3,7 +3,7 @@
 The search loop (trainers/search.py) is shared: it calls these hooks in a fixed order and never
 asks which method it runs. Call order on every worker::
 
-    m = Method(search_cfg, steps_per_epoch, dense_arch)   # options: search_cfg.<m.section>
+    m = Method(search_cfg, steps_per_epoch, dense_arch, seed)  # options: search_cfg.<section>
     m.setup(device)                          # the worker's device (e.g. a teacher moves there)
     model = m.wrap(dense)                    # the trainable search model around the dense ViT
     if resuming:                             # from the last epoch checkpoint
@@ -14,7 +14,7 @@ asks which method it runs. Call order on every worker::
         for each step:
             logits, aux = m.forward(model, images, step)
             terms = m.losses(model, images, targets, logits, aux, step)  # every term, weighted
-            sum(terms).backward(); clip; optimizer.step(); scheduler.step()
+            sum(terms).backward(); clip to m.grad_clip(); optimizer.step(); scheduler.step()
             if m.after_step(model, step, optimizer): rebuild DDP (shapes changed)
         checkpoint: model.state_dict() + m.state_dict(); report m.metrics(model)
     note = m.finalize(model, optimizer)      # force a decision at the epoch cap
@@ -66,8 +66,9 @@ class SearchMethod(abc.ABC):
     Options: ClassVar[type[Section] | None] = None
     ddp_kwargs: ClassVar[dict[str, Any]] = {}  # extra DistributedDataParallel keywords
 
-    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch):
+    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch, seed: int = 0):
         self.cfg = cfg
+        self.seed = seed  # the trial's seed, the same on every worker (seeds shared draws)
         self.opts = getattr(cfg, self.section) if self.section else None
         self.steps_per_epoch = steps_per_epoch
         self.dense_arch = dense_arch
@@ -93,6 +94,11 @@ class SearchMethod(abc.ABC):
     def setup(self, device: torch.device) -> None:
         """Called once on the worker, before `wrap`: the device the model will train on."""
         self.device = device
+
+    def grad_clip(self) -> float | None:
+        """Gradient-norm clip the loop applies (`search.grad_clip`; a method whose published
+        search clips may default to its own)."""
+        return self.cfg.grad_clip
 
     def max_steps(self) -> int | None:
         """Steps the search needs at most (None: `search.epochs` decides)."""
