@@ -218,8 +218,11 @@ class UVC(SearchMethod):
             self.gate_opt = torch.optim.SGD([sn.gate_logits], lr=o.gate_lr,
                                             momentum=o.gate_momentum,
                                             weight_decay=o.gate_weight_decay)
-            if self._gate_opt_state is not None:
-                self.gate_opt.load_state_dict(self._gate_opt_state)
+            if (st := self._gate_opt_state) is not None:  # restored on the CPU: move it
+                dev = sn.gate_logits.device                   # without a blocking upload
+                self.gate_opt.load_state_dict({**st, "state": {
+                    k: {n: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v
+                        for n, v in ps.items()} for k, ps in st["state"].items()}})
         return self.gate_opt
 
     @torch.no_grad()
