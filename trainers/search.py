@@ -171,11 +171,19 @@ def search_loop(config: dict[str, Any]) -> None:
     worker.report(env, final, write)
 
 
+# per-method progress keys shown when a method reports them (OFB, UVC, ...)
+_SHOWN = (("expected_macs", "expected={:.2f}M", 1e-6), ("live_candidates", "live={}", None),
+          ("finished_modules", "finished={}", None), ("lambda", "lambda={:.3f}", None),
+          ("mask_ratio", "mask_ratio={:.3f}", None), ("kept_blocks", "blocks=[{}]", None),
+          ("heads_pruned", "heads-{}", None), ("v_dims_pruned", "v_dims-{}", None),
+          ("neurons_pruned", "neurons-{}", None), ("z", "z={:.3g}", None))
+
+
 def _print_epoch(m: dict[str, Any]) -> None:
-    print(f"[search] epoch {m['epoch']}/{m['epochs']} loss={m['train_loss']:.4f} "
-          f"val_top1={m.get('val_top1', float('nan')):.4f} "
-          f"MACs expected={m.get('expected_macs', 0) / 1e6:.2f}M "
-          f"current={m.get('current_macs', 0) / 1e6:.2f}M "
-          f"target={m.get('target_macs', 0) / 1e6:.2f}M live={m.get('live_candidates')} "
-          f"finished={m.get('finished_modules')} lambda={m.get('lambda', 0):.3f} "
-          f"mask_ratio={m.get('mask_ratio', 0):.3f}", flush=True)
+    parts = [f"[search] epoch {m['epoch']}/{m['epochs']} loss={m['train_loss']:.4f}",
+             f"val_top1={m.get('val_top1', float('nan')):.4f}"]
+    if "current_macs" in m:
+        parts.append(f"MACs current={m['current_macs'] / 1e6:.2f}M "
+                     f"target={m.get('target_macs', 0) / 1e6:.2f}M")
+    parts += [fmt.format(m[k] * scale if scale else m[k]) for k, fmt, scale in _SHOWN if k in m]
+    print(" ".join(parts), flush=True)
