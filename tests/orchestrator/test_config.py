@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,11 @@ def test_cli_method_section_resolves_and_old_key_is_refused(tmp_path):
              'sweep.space={"search.mask_ratio": {"type": "uniform", "low": 0.1, "high": 0.3}}',
              "sweep.points_to_evaluate=[]")
     assert r.returncode == 2 and "search.ofb.mask_ratio" in r.stderr
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    if cfg.sweep is not None:  # every point names registered methods and valid values
+        assert cfg.sweep.num_samples >= len(cfg.sweep.points_to_evaluate)

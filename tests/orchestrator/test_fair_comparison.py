@@ -8,7 +8,7 @@ from orchestrator.config import load_config
 from orchestrator.phases import equal_training
 
 
-@pytest.mark.parametrize("method,extra", [("ofb", 0), ("vit_slim", 0),
+@pytest.mark.parametrize("method,extra", [("ofb", 0), ("vit_slim", 0), ("uvc", 0),
                                           ("two_stage_taylor", 3), ("two_stage_magnitude", 3),
                                           ("dense_control", 3)])
 def test_methods_whose_search_trains_no_weights_fine_tune_longer(method, extra):
