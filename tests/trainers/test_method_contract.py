@@ -52,7 +52,7 @@ def _build(name: str, dense_arch: ViTArch, dense: torch.nn.Module | None = None)
                        # UVC: primal-dual from step 2, a gate SGD step (with momentum) at
                        # steps 3 and 5, so the gate optimiser's state crosses the checkpoint
                        uvc={"gate_warmup_epochs": 0.5, "gate_window": 2})
-    method = get_method(name)(cfg, 4, dense_arch)
+    method = get_method(name)(cfg, 4, dense_arch, seed=7)  # as the search loop builds it
     method.setup(CPU)
     model = method.wrap(_dense() if dense is None else dense)
 

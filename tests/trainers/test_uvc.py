@@ -11,11 +11,11 @@ import torch
 from search_space.arch import ViTArch
 from search_space.models import build_vit
 from search_space.uvc.primal_dual import least_s
+from tests.trainers.test_method_contract import CPU, _batches, _dense
 from trainers.config import SearchConfig
 from trainers.distill import soft_kd
 from trainers.loop import train_one_epoch
 from trainers.methods import get_method
-from tests.trainers.test_method_contract import CPU, _batches, _dense
 
 
 def _vit() -> torch.nn.Module:

@@ -16,8 +16,8 @@ from trainers.methods.base import SearchMethod, register_method
 @register_method("dense_control")
 class DenseControl(SearchMethod):
     trains_weights = False
-    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch):
-        super().__init__(cfg, steps_per_epoch, dense_arch)
+    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch, seed: int = 0):
+        super().__init__(cfg, steps_per_epoch, dense_arch, seed)
         self.target_macs = self.dense_macs  # its budget is the dense model: 100%
 
     def wrap(self, dense: nn.Module) -> nn.Module:

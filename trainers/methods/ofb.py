@@ -103,8 +103,8 @@ class OFB(SearchMethod):
     section = "ofb"
     Options = OFBOptions
 
-    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch):
-        super().__init__(cfg, steps_per_epoch, dense_arch)
+    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch, seed: int = 0):
+        super().__init__(cfg, steps_per_epoch, dense_arch, seed)
         o = self.opts
         self.warmup_steps = int(o.ramp_epochs * steps_per_epoch)
         self.elim_every = max(1, steps_per_epoch // o.eliminations_per_epoch)

@@ -44,8 +44,8 @@ class TwoStage(SearchMethod):
     section = "two_stage"
     Options = TwoStageOptions
 
-    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch):
-        super().__init__(cfg, steps_per_epoch, dense_arch)
+    def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch, seed: int = 0):
+        super().__init__(cfg, steps_per_epoch, dense_arch, seed)
         self.batches = 0
         self.acc: dict[str, torch.Tensor] | None = None  # per-weight |w * g|, summed
 
