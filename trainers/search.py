@@ -78,7 +78,7 @@ def search_loop(config: dict[str, Any]) -> None:
     def make_optimizer(m):
         opt = torch.optim.AdamW(method.param_groups(m), lr=sc.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(
-            max(cap_steps, 1), int(sc.lr_warmup_epochs * steps_per_epoch), sc.lr, sc.min_lr))
+            max(cap_steps, 1), int(sc.lr_warmup_epochs * steps_per_epoch), sc.lr, method.min_lr()))
         return opt, sched
 
     start_epoch, elapsed, resumed_from, history = 0, 0.0, 0, []

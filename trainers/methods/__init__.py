@@ -3,6 +3,7 @@
 from trainers.methods import (  # noqa: F401  (importing registers each method)
     control,
     ofb,
+    spvit,
     two_stage,
     uvc,
     vit_slim,

@@ -100,6 +100,10 @@ class SearchMethod(abc.ABC):
         search clips may default to its own)."""
         return self.cfg.grad_clip
 
+    def min_lr(self) -> float:
+        """The LR the search's cosine decays to (`search.min_lr`; = `search.lr`: constant)."""
+        return self.cfg.min_lr
+
     def max_steps(self) -> int | None:
         """Steps the search needs at most (None: `search.epochs` decides)."""
         return None
