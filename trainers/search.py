@@ -171,12 +171,13 @@ def search_loop(config: dict[str, Any]) -> None:
     worker.report(env, final, write)
 
 
-# per-method progress keys shown when a method reports them (OFB, UVC, ...)
+# per-method progress keys shown when a method reports them (OFB, UVC, SPViT)
 _SHOWN = (("expected_macs", "expected={:.2f}M", 1e-6), ("live_candidates", "live={}", None),
           ("finished_modules", "finished={}", None), ("lambda", "lambda={:.3f}", None),
           ("mask_ratio", "mask_ratio={:.3f}", None), ("kept_blocks", "blocks=[{}]", None),
           ("heads_pruned", "heads-{}", None), ("v_dims_pruned", "v_dims-{}", None),
-          ("neurons_pruned", "neurons-{}", None), ("z", "z={:.3g}", None))
+          ("neurons_pruned", "neurons-{}", None), ("z", "z={:.3g}", None),
+          ("mixers", "mixers=[{}]", None), ("neurons_kept", "neurons={}", None))
 
 
 def _print_epoch(m: dict[str, Any]) -> None:

@@ -85,10 +85,12 @@ class SPViT(SearchMethod):
         sn: SPViTSearch = unwrap(model)
         arch = sn.current_arch()
         kinds = [b.mixer for b in arch.blocks]
+        with torch.no_grad():
+            t_attn = float(torch.stack([m.theta for m in sn.msas()]).mean())
+            t_mlp = float(torch.cat([b.mlp.theta for b in sn.vit.blocks]).mean())
         return {"target_macs": self.target_macs, "current_macs": cost_of(arch).macs,
                 "mixers": ",".join(kinds),
                 **{f"mixers_{k}": kinds.count(k) for k in ("attn", "conv3", "conv1", "none")},
                 "neurons_kept": sum(b.mlp_hidden for b in arch.blocks),
                 "params_fraction": count_params(arch) / count_params(self.dense_arch),
-                "theta_attn_mean": float(torch.stack([m.theta for m in sn.msas()]).mean()),
-                "theta_mlp_mean": float(torch.cat([b.mlp.theta for b in sn.vit.blocks]).mean())}
+                "theta_attn_mean": t_attn, "theta_mlp_mean": t_mlp}
