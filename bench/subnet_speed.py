@@ -42,7 +42,11 @@ def from_sweep(folder: Path, budget: float | None) -> tuple[Path, list[tuple[str
         frac = (r["target_macs"] or r["dense_macs"]) / r["dense_macs"]
         if budget is not None and abs(frac - budget) > 1e-6 or not r["subnet_path"]:
             continue
-        out.append((f"{r['method']} {frac:.0%} {r['trial_id']}", Path(r["subnet_path"])))
+        extra = json.loads(r["additions"] or "{}") if isinstance(r["additions"], str) else (
+            r["additions"] or {})
+        variant = f"[{'+'.join(k.split('.')[-1] for k in extra)}]" if extra else ""
+        out.append((f"{r['method']}{variant} {frac:.0%} {r['trial_id']}",
+                    Path(r["subnet_path"])))
     return dense, out
 
 
