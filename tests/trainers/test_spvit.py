@@ -32,7 +32,8 @@ def test_published_optimisers():
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert not decayed & {id(m.P) for m in unwrap(model).msas()}  # mixing logits: no decay
     assert method.min_lr() == method.cfg.lr and method.grad_clip() is None  # constant, no clip
-    assert method.additions() == {}
+    assert method.additions() == {"spvit.arc_lr": 5e-4}  # recorded: 1e-3 is the default
+    assert _spvit()[0].additions() == {}
 
 
 def test_complexity_loss_pulls_the_gates_towards_the_budget():

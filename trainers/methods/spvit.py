@@ -20,7 +20,7 @@ conv paths folded from the searched weights (search_space/spvit/extract.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -36,7 +36,14 @@ from trainers.sections import Section
 
 
 class SPViTOptions(Section):
-    """`search.spvit.*` (SPViT_DeiT/main_pruning.py, config/*.json)."""
+    """`search.spvit.*` (SPViT_DeiT/main_pruning.py, config/*.json).
+
+    `arc_lr` other than 1e-3 is recorded with the trial: Adam moves a threshold by at most about
+    arc_lr per step, and theta starts at 1.5, so at 1e-3 no gate can flip in fewer than 1,500
+    steps (published searches run 25k+ steps; a 3-epoch search here has ~1,300). Short searches
+    scale it (configs/compare_methods.yaml: 0.01), and the report names that variant."""
+
+    ADDITIONS: ClassVar[dict[str, Any]] = {"arc_lr": 1e-3}
 
     arc_lr: float = Field(1e-3, gt=0, description="AdamW lr of the gate thresholds theta "
                           "(published: 1e-3 DeiT-T/-B, 5e-4 DeiT-S)")
