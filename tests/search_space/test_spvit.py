@@ -63,7 +63,7 @@ def test_conv_kernel_from_wv_and_p_by_hand():
     m = sn.msas()[0]
     with torch.no_grad():
         m.P.copy_(torch.randn(4, 9))
-    H, d, D = 4, 8, 32
+    H, d = 4, 8
     pi = torch.softmax(m.P.detach() / 0.01, dim=0)
     wv = m.qkv.weight.detach()[2 * H * d:]
     bv = m.qkv.bias.detach()[2 * H * d:]
