@@ -76,3 +76,54 @@ def test_ledger_updates_are_whole_entries(tmp_path):
     assert led.read("20260301T0200Z")["attempts"] == [{"status": "RUNNING"}]
     assert led.claim("20260228T0200Z", {})
     assert led.slots() == ["20260228T0200Z", "20260301T0200Z"]
+
+
+def _spec(**kw):
+    from orchestrator.schedules.spec import ScheduleSpec
+
+    return ScheduleSpec(**{"name": "nightly", "cron": "0 2 * * *", **kw})
+
+
+def test_schedule_section_refuses_bad_values_with_their_names():
+    from pydantic import ValidationError
+
+    for bad, match in [({"cron": "0 2 * *"}, "5-field cron"),
+                       ({"timezone": "Mars/Base"}, "IANA time zone"),
+                       ({"name": "Nightly_1"}, "lowercase letters"),
+                       ({"overlap": "never"}, "skip"), ({"catch_up": "all"}, "latest")]:
+        with pytest.raises(ValidationError, match=match):
+            _spec(**bad)
+
+
+def test_reconcile_rules(tmp_path):
+    from orchestrator.schedules.reconcile import decide
+
+    led = Ledger(tmp_path, "nightly")
+    at = datetime(2026, 3, 1, 2, 5, tzinfo=UTC)  # 5 min after the 02:00 tick
+    slot = "20260301T0200Z"
+    assert decide(_spec(), at, led, []).action == "submit"
+    # overlap with yesterday's slot, still running
+    prev = ["20260228T0200Z"]
+    assert decide(_spec(), at, led, prev).action == "skip"
+    assert decide(_spec(overlap="queue"), at, led, prev).action == "wait"
+    rep = decide(_spec(overlap="replace"), at, led, prev)
+    assert rep.action == "submit" and rep.stop == tuple(prev)
+    assert decide(_spec(overlap="allow"), at, led, prev).action == "submit"
+    # past the starting deadline: recorded as missed, never run late
+    late = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    assert decide(_spec(), late, led, []).action == "missed"
+    # catch_up none: only the first call after the tick runs it; after downtime, missed
+    assert decide(_spec(catch_up="none"), at, led, [], period_s=600).action == "submit"
+    back = datetime(2026, 3, 1, 3, 0, tzinfo=UTC)
+    assert decide(_spec(catch_up="none"), back, led, [], period_s=600).action == "missed"
+    assert decide(_spec(), back, led, [], period_s=600).action == "submit"  # latest: catch up
+    # a claimed slot follows its last attempt
+    led.claim(slot, {"attempts": [{"status": "RUNNING"}]})
+    assert decide(_spec(), at, led, []).action == "refresh"
+    led.update(slot, lambda e: {**e, "attempts": [{"status": "LOST"}]})
+    again = decide(_spec(), at, led, [])
+    assert (again.action, again.attempt) == ("submit", 2)
+    led.update(slot, lambda e: {**e, "attempts": [{"status": "FAILED"}, {"status": "FAILED"}]})
+    assert decide(_spec(max_attempts=2), at, led, []).action == "nothing"  # attempts used up
+    led.update(slot, lambda e: {**e, "attempts": [{"status": "SUCCEEDED"}]})
+    assert decide(_spec(), at, led, []).reason == "final: SUCCEEDED"
