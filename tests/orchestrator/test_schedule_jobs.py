@@ -1,0 +1,45 @@
+"""What a scheduled sweep sends to Ray, and what is refused before anything is sent (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config
+from orchestrator.ray_setup import WORKER_ENV
+from orchestrator.schedules.jobs import EXCLUDES, job_spec, preflight
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["output_dir=./runs"], "output_dir='./runs' is relative"),
+    (["output_dir=/abs", "cache_dir=cache"], "cache_dir='cache' is relative"),
+    (["output_dir=/abs", "mlflow.tracking_uri=sqlite:///rel.db"], "relative SQLite path"),
+])
+def test_preflight_refuses_what_a_job_would_lose(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        preflight(load_config(None, overrides))
+
+
+def test_preflight_accepts_absolute_paths_and_servers():
+    preflight(load_config(None, ["output_dir=/shared/runs", "cache_dir=/shared/cache",
+                                 "mlflow.tracking_uri=http://mlflow:5000"]))
+    preflight(load_config(None, ["output_dir=/shared/runs",
+                                 "mlflow.tracking_uri=sqlite:////shared/mlflow.db"]))
+
+
+def test_job_spec_carries_slot_commit_and_stop_signal():
+    cfg = load_config(None, ["output_dir=/shared/runs"])
+    j = job_spec(cfg, "configs/ofb_quick.yaml", ["seed=1"], "nightly", "20260301T0200Z", 2)
+    assert j.submission_id == "ofb-nightly-20260301t0200z-a2"
+    assert j.entrypoint == ("python -m orchestrator.run --config configs/ofb_quick.yaml "
+                            "name=nightly-20260301T0200Z seed=1")
+    env = j.runtime_env["env_vars"]
+    assert env["RAY_JOB_STOP_SIGNAL"] == "SIGINT" and int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
+    assert len(env["OFB_GIT_COMMIT"]) == 40 and env["OFB_SLOT"] == "20260301T0200Z"
+    assert not set(env) & set(WORKER_ENV)  # Ray refuses to merge a key set twice (G2)
+    assert j.runtime_env["excludes"] == EXCLUDES and "runs/" in EXCLUDES
+    assert all(isinstance(v, str) for v in j.metadata.values())  # Ray's metadata: strings only
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
+        job_spec(cfg, None, [], "nightly", "20260301T0200Z", 1,
+                 extra_env={"HF_HUB_OFFLINE": "0"})
+    assert "working_dir" not in job_spec(cfg, None, [], "n", "20260301T0200Z", 1,
+                                         upload=False).runtime_env
