@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,6 +25,29 @@ def resolve_address(address: str | None) -> str | None:
     return None if address in (None, "local") else address
 
 
+def job_env_vars() -> dict[str, str]:
+    """The env vars of the Ray job this driver runs in ({} outside a job). Ray merges a job's
+    runtime env with the driver's `ray.init(runtime_env=...)` and fails on any key set by both."""
+    blob = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not blob:
+        return {}
+    try:  # a private format: read defensively
+        return dict(json.loads(blob).get("runtime_env", {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
+def worker_env() -> dict[str, str]:
+    """What our Ray workers get: WORKER_ENV (the process's own values win) and two pass-through
+    settings, minus any key the surrounding Ray job already sets (it reaches workers anyway)."""
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TIMM_FUSED_ATTN"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    job = job_env_vars()
+    return {k: v for k, v in env.items() if k not in job}
+
+
 def start_ray(address: str | None = None, health_check_interval_s: float = 0.2,
               num_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
     """Start or join Ray once per process; returns the cluster's total resources."""
@@ -37,11 +61,7 @@ def start_ray(address: str | None = None, health_check_interval_s: float = 0.2,
     if addr is None:  # one machine: no tokens, no preemption to watch for
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
-    for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TIMM_FUSED_ATTN"):
-        if k in os.environ:
-            env[k] = os.environ[k]
-    kwargs: dict[str, Any] = dict(runtime_env={"env_vars": env},
+    kwargs: dict[str, Any] = dict(runtime_env={"env_vars": worker_env()},
                                   log_to_driver=True, configure_logging=True)
     if quiet:
         kwargs["logging_level"] = "WARNING"

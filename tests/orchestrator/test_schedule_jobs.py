@@ -43,3 +43,22 @@ def test_job_spec_carries_slot_commit_and_stop_signal():
                  extra_env={"HF_HUB_OFFLINE": "0"})
     assert "working_dir" not in job_spec(cfg, None, [], "n", "20260301T0200Z", 1,
                                          upload=False).runtime_env
+
+
+def test_worker_env_leaves_out_what_the_job_sets(monkeypatch):
+    """G2: inside a Ray job whose runtime env sets one of our worker keys, the driver's own
+    ray.init must not set it again (Ray fails the merge); outside a job nothing changes."""
+    import json
+
+    from orchestrator.ray_setup import job_env_vars, worker_env
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert job_env_vars() == {} and set(WORKER_ENV) <= set(worker_env())
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "OFB_SLOT": "x"}},
+         "metadata": {"job_submission_id": "ofb-n-1-a1"}}))
+    assert job_env_vars()["OFB_SLOT"] == "x"
+    env = worker_env()
+    assert "HF_HUB_OFFLINE" not in env and "TOKENIZERS_PARALLELISM" in env
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "not json")
+    assert job_env_vars() == {}
