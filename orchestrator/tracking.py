@@ -85,6 +85,10 @@ def _code_version() -> dict[str, str]:
         tags["ofb_version"] = version("ofb-orchestrator")
     except PackageNotFoundError:
         pass
+    if os.environ.get("OFB_GIT_COMMIT"):  # a submitted job: the upload has no .git (G7)
+        tags.update({"mlflow.source.git.commit": os.environ["OFB_GIT_COMMIT"],
+                     "ofb_git_dirty": str(os.environ.get("OFB_GIT_DIRTY", "0") == "1")})
+        return tags
     root = SEARCH_SPACE_CODE.parent
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,

@@ -62,3 +62,16 @@ def test_worker_env_leaves_out_what_the_job_sets(monkeypatch):
     assert "HF_HUB_OFFLINE" not in env and "TOKENIZERS_PARALLELISM" in env
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "not json")
     assert job_env_vars() == {}
+
+
+def test_submitted_runs_keep_their_commit(monkeypatch):
+    """G7: a job's upload leaves .git out; the commit comes from the env the submit sets."""
+    from orchestrator.tracking import _code_version
+
+    monkeypatch.delenv("OFB_GIT_COMMIT", raising=False)
+    local = _code_version()["mlflow.source.git.commit"]
+    assert len(local) == 40
+    monkeypatch.setenv("OFB_GIT_COMMIT", "f" * 40)
+    monkeypatch.setenv("OFB_GIT_DIRTY", "1")
+    tags = _code_version()
+    assert tags["mlflow.source.git.commit"] == "f" * 40 and tags["ofb_git_dirty"] == "True"
