@@ -75,3 +75,14 @@ def test_submitted_runs_keep_their_commit(monkeypatch):
     monkeypatch.setenv("OFB_GIT_DIRTY", "1")
     tags = _code_version()
     assert tags["mlflow.source.git.commit"] == "f" * 40 and tags["ofb_git_dirty"] == "True"
+
+
+def test_submit_refuses_before_contacting_ray(capsys):
+    """Exit 2 with one message naming the bad value: a relative output_dir, then a cluster
+    address where no dashboard answers (nothing is submitted in either case)."""
+    from orchestrator.submit import main
+
+    assert main(["output_dir=./runs"]) == 2
+    assert "output_dir='./runs' is relative" in capsys.readouterr().err
+    assert main(["--address", "http://127.0.0.1:9", "output_dir=/shared/runs"]) == 2
+    assert "no Ray dashboard answers there" in capsys.readouterr().err
