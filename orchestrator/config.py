@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from orchestrator.schedules.spec import ScheduleSpec
 from orchestrator.sweep_space import SweepConfig
 from trainers.config import TrainConfig, _Section
 
@@ -54,6 +55,8 @@ class Config(TrainConfig):
     ray: RayConfig = Field(default_factory=RayConfig)
     sweep: SweepConfig | None = Field(None, description="absent: one trial; present: a sweep")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    schedule: ScheduleSpec | None = Field(None, description="a cluster schedule for this sweep "
+                                          "(orchestrator.schedule); absent: none")
 
     @property
     def run_dir(self) -> Path:
