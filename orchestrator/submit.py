@@ -48,13 +48,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cluster_version(address: str, timeout: float = 10) -> dict:
+def cluster_version(address: str, timeout: float = 10, key: str = "--address") -> dict:
     """GET /api/version: {version, ray_version, ray_commit, session_name}."""
     try:
         with urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=timeout) as r:
             return json.loads(r.read())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--address {address}: no Ray dashboard answers there ({e}); start "
+        raise ConfigError(f"{key} {address}: no Ray dashboard answers there ({e}); start "
                           "the cluster (`ray up cluster.yaml`) or give its dashboard address, "
                           "e.g. http://HEAD:8265") from None
 

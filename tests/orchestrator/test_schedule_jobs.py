@@ -86,3 +86,16 @@ def test_submit_refuses_before_contacting_ray(capsys):
     assert "output_dir='./runs' is relative" in capsys.readouterr().err
     assert main(["--address", "http://127.0.0.1:9", "output_dir=/shared/runs"]) == 2
     assert "no Ray dashboard answers there" in capsys.readouterr().err
+
+
+def test_schedule_refuses_before_contacting_ray(capsys):
+    from orchestrator.schedule import main
+
+    assert main(["output_dir=/shared/runs"]) == 2
+    assert "no `schedule` section" in capsys.readouterr().err
+    assert main(["--now", "2026-03-01T02:05", "output_dir=/shared/runs",
+                 "schedule.cron=0 2 * * *"]) == 2
+    assert "has no time zone" in capsys.readouterr().err
+    assert main(["output_dir=/shared/runs", "schedule.cron=0 2 * * *",
+                 "schedule.address=http://127.0.0.1:9"]) == 2
+    assert "schedule.address http://127.0.0.1:9: no Ray dashboard" in capsys.readouterr().err
