@@ -328,13 +328,23 @@ def dense_of_run(metrics: Mapping[str, float], tags: Mapping[str, str],
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestrator.report", description=__doc__.split(
         "\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="a sweep folder (<output_dir>/<name>) or an MLflow experiment")
+    p.add_argument("source", nargs="?", help="a sweep folder (<output_dir>/<name>) or an MLflow "
+                   "experiment")
+    p.add_argument("--schedule", help="compare this schedule's slots over time instead "
+                   "(--output-dir, --last N)")
+    p.add_argument("--output-dir", default="runs")
+    p.add_argument("--last", type=int, help="with --schedule: only the last N slots")
     p.add_argument("--tracking-uri", help="MLflow store for an experiment name (default: "
                    "MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     p.add_argument("--out", help="folder for table.txt, comparison.json, pareto.png "
                    "(default: <sweep folder>/report, or ./report-<experiment>)")
     p.add_argument("--no-log", action="store_true", help="do not log to the MLflow parent run")
     args = p.parse_args(argv)
+    if args.schedule or not args.source:
+        from orchestrator.schedules import slot_report
+
+        return slot_report.main(args.schedule, args.output_dir, args.last) if args.schedule \
+            else p.error("give a sweep folder or experiment, or --schedule NAME")
     import os
 
     parent_id, uri = None, args.tracking_uri
