@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -31,6 +32,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                      "default: RAY_ADDRESS, else Ray starts embedded")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config, print it resolved, and exit")
+    p.add_argument("--schedule", help="run as one slot of this schedule (the config's "
+                   "`schedule` section): named <schedule>-<slot>, claimed in its ledger first")
+    p.add_argument("--slot", help="with --schedule: YYYYMMDDTHHMMZ, or auto (the Ray job's "
+                   "metadata, a KubeRay child's minute, else the tick due now)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
 
@@ -103,14 +108,42 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.address:
             cfg.ray.address = args.address
+        slot = None
+        if args.schedule:
+            from orchestrator.schedules import driver
+
+            slot = driver.resolve_slot(cfg, args.slot, datetime.now(timezone.utc))
+            driver.apply(cfg, args.schedule, slot)
+        elif args.slot:
+            raise ConfigError("--slot needs --schedule NAME")
         preflight(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = cfg.run_dir
     if args.dry_run:
         print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         return 0
+    if slot is None:
+        return _run(cfg)
+    go, why = driver.enter(cfg, args.schedule, slot, datetime.now(timezone.utc))
+    print(f"[run] schedule {args.schedule}: {why}", flush=True)
+    if not go:
+        return 0
+    try:
+        code = _run(cfg)
+    except KeyboardInterrupt:  # Ray's stop signal (SIGINT): checkpoints stay, a retry resumes
+        driver.finish(cfg, args.schedule, slot, "STOPPED", 130)
+        raise
+    except BaseException:
+        driver.finish(cfg, args.schedule, slot, "FAILED", 1)
+        raise
+    driver.finish(cfg, args.schedule, slot, "SUCCEEDED" if code == 0 else "FAILED", code)
+    return code
+
+
+def _run(cfg: Config) -> int:
+    """Every phase of `pipeline`, on Ray; the process exit code."""
+    run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 

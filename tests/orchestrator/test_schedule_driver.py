@@ -1,0 +1,88 @@
+"""`orchestrator.run --schedule NAME --slot SLOT|auto`: the driver finds its slot, names its run
+after it and follows the ledger (no Ray: the run stops at the ledger or at --dry-run)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config
+from orchestrator.run import main
+from orchestrator.schedules import driver
+from orchestrator.schedules.ledger import Ledger
+
+UTC = timezone.utc
+NOW = datetime(2026, 3, 1, 2, 7, tzinfo=UTC)
+
+
+def _cfg(tmp_path, **schedule):
+    over = {"name": "nightly", "cron": "0 2 * * *", **schedule}
+    return load_config(None, [f"output_dir={tmp_path}",
+                              *(f"schedule.{k}={v}" for k, v in over.items())])
+
+
+def _job(monkeypatch, **metadata):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {}, "metadata": metadata}))
+
+
+def test_slot_auto_from_metadata_kuberay_or_the_due_tick(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert driver.resolve_slot(cfg, "auto", NOW) == "20260301T0200Z"  # the due tick
+    assert driver.resolve_slot(cfg, "20260215T0200Z", NOW) == "20260215T0200Z"
+    with pytest.raises(ValueError, match="YYYYMMDDTHHMMZ"):
+        driver.resolve_slot(cfg, "yesterday", NOW)
+    # a KubeRay RayCronJob child: <cronjob>-<unix minutes>-<rand5>
+    minutes = int(datetime(2026, 2, 20, 2, 0, tzinfo=UTC).timestamp()) // 60
+    _job(monkeypatch, job_submission_id=f"ofb-nightly-{minutes}-ab3c9")
+    assert driver.resolve_slot(cfg, "auto", NOW) == "20260220T0200Z"
+    _job(monkeypatch, job_submission_id="ofb-nightly-20260218t0200z-a1",
+         ofb_slot="20260218T0200Z")  # submitted by orchestrator.schedule / submit
+    assert driver.resolve_slot(cfg, "auto", NOW) == "20260218T0200Z"
+
+
+def test_run_is_named_after_its_slot(tmp_path):
+    cfg = _cfg(tmp_path)
+    driver.apply(cfg, "nightly", "20260301T0200Z")
+    assert cfg.name == "nightly-20260301T0200Z" and cfg.mlflow.experiment == "nightly"
+    assert cfg.mlflow.registered_model == "nightly-subnet"
+    with pytest.raises(ConfigError, match="schedule is named 'nightly'"):
+        driver.apply(_cfg(tmp_path), "weekly", "20260301T0200Z")
+
+
+def test_driver_follows_the_ledger(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    cfg, led = _cfg(tmp_path), Ledger(tmp_path, "nightly")
+    go, why = driver.enter(cfg, "nightly", "20260301T0200Z", NOW)
+    assert go and "claimed" in why
+    _job(monkeypatch, job_submission_id="another-driver")
+    assert not driver.enter(cfg, "nightly", "20260301T0200Z", NOW)[0]  # a second driver
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    driver.finish(cfg, "nightly", "20260301T0200Z", "SUCCEEDED", 0, "run123")
+    last = led.read("20260301T0200Z")["attempts"][-1]
+    assert (last["status"], last["driver_exit_code"], last["mlflow_run_id"]) == (
+        "SUCCEEDED", 0, "run123")
+    # a submitted attempt: the driver takes it over by its submission id
+    led.claim("20260302T0200Z", {"attempts": [{"submission_id": "ofb-n-a1",
+                                               "status": "PENDING"}]})
+    _job(monkeypatch, job_submission_id="ofb-n-a1")
+    assert driver.enter(cfg, "nightly", "20260302T0200Z", NOW)[0]
+    assert led.read("20260302T0200Z")["attempts"][-1]["status"] == "RUNNING"
+    # overlap: that slot still runs; skip records the new one, allow runs it
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    go, why = driver.enter(cfg, "nightly", "20260303T0200Z", NOW)
+    assert not go and "SKIPPED" in why and led.read("20260303T0200Z")["decision"] == "SKIPPED"
+    assert driver.enter(_cfg(tmp_path, overlap="allow"), "nightly", "20260304T0200Z", NOW)[0]
+
+
+def test_run_stops_at_a_finished_slot_without_ray(tmp_path, capsys):
+    Ledger(tmp_path, "nightly").claim("20260301T0200Z", {
+        "attempts": [{"submission_id": "x", "status": "SUCCEEDED"}]})
+    code = main(["--schedule", "nightly", "--slot", "20260301T0200Z", f"output_dir={tmp_path}",
+                 "schedule.cron=0 2 * * *", "schedule.name=nightly", "data.max_train_samples=64"])
+    assert code == 0 and "already SUCCEEDED" in capsys.readouterr().out
+    assert main(["--slot", "20260301T0200Z", f"output_dir={tmp_path}"]) == 2
+    assert "--slot needs --schedule" in capsys.readouterr().err
