@@ -57,3 +57,24 @@ def test_airflow_dag_submits_the_logical_date_slot_once():
     cmd = next(n for n in ast.walk(calls["BashOperator"]) if isinstance(n, ast.JoinedStr))
     text = "".join(v.value for v in cmd.values if isinstance(v, ast.Constant))
     assert "--follow" in text and "--attempt" not in text  # a retry: no second job on a slot
+
+
+def test_raycronjob_manifest():
+    import shlex
+
+    import yaml
+
+    from orchestrator.run import _parse
+
+    doc = yaml.safe_load((DEPLOY / "raycronjob.yaml").read_text())
+    assert doc["kind"] == "RayCronJob" and len(doc["metadata"]["name"]) <= 36
+    spec = doc["spec"]
+    assert croniter.is_valid(spec["schedule"]) and "TZ=" not in spec["schedule"]
+    entry = shlex.split(spec["jobTemplate"]["entrypoint"])
+    assert entry[:3] == ["python", "-m", "orchestrator.run"]
+    args = _parse(entry[3:])  # the flags exist and parse
+    assert (args.schedule, args.slot, args.config) == ("nightly", "auto", "configs/nightly.yaml")
+    env = yaml.safe_load(spec["jobTemplate"]["runtimeEnvYAML"])["env_vars"]
+    assert env["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
+    nightly = load_config(ROOT / "configs" / "nightly.yaml")
+    assert nightly.schedule.cron == spec["schedule"] and nightly.output_dir.startswith("/mnt")
