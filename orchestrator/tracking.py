@@ -33,6 +33,7 @@ from ray.tune import Callback
 
 from orchestrator.config import Config, ConfigError
 from orchestrator.records import DEFAULT_KIND, TrialRecord, as_record, hours_name, rank_key
+from orchestrator.schedules.driver import schedule_tags
 
 SUBNET_MODEL_CODE = Path(__file__).with_name("subnet_pyfunc.py")
 SEARCH_SPACE_CODE = Path(__file__).resolve().parents[1] / "search_space"
@@ -139,7 +140,7 @@ class Tracker:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=f"sweep-{cfg.name}", tags={
-            **_code_version(), "ofb_role": "sweep", "ofb_sweep_dir": where,
+            **_code_version(), **schedule_tags(), "ofb_role": "sweep", "ofb_sweep_dir": where,
             "method": cfg.search.method, "dataset": cfg.data.dataset, "model": cfg.model.name})
         self.parent_id = run.info.run_id
         params = flatten(cfg.model_dump())

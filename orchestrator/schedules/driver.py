@@ -60,6 +60,8 @@ def apply(cfg: Config, schedule: str, slot: str) -> None:
         raise ConfigError(f"--schedule {schedule!r} but the config's schedule is named "
                           f"{cfg.schedule.name or cfg.name!r}")
     cfg.name = f"{schedule}-{slot}"
+    os.environ.setdefault("OFB_SCHEDULE", schedule)  # for the parent run's tags
+    os.environ.setdefault("OFB_SLOT", slot)
     cfg.mlflow.experiment = cfg.mlflow.experiment or schedule
     cfg.mlflow.registered_model = cfg.mlflow.registered_model or f"{schedule}-subnet"
 
@@ -108,3 +110,17 @@ def finish(cfg: Config, schedule: str, slot: str, status: str, exit_code: int | 
         _set_last(ledger, slot, status=status, driver_exit_code=exit_code,
                   mlflow_run_id=mlflow_run_id,
                   ended_at=datetime.now(timezone.utc).isoformat())
+
+
+def schedule_tags() -> dict[str, str]:
+    """MLflow tags of a scheduled run's parent ({} for an unscheduled run): schedule, slot (and
+    its ISO time, sortable), attempt, Ray submission id."""
+    schedule, slot = os.environ.get("OFB_SCHEDULE"), os.environ.get("OFB_SLOT")
+    if not (schedule and slot):
+        return {}
+    tags = {"ofb_schedule": schedule, "ofb_slot": slot,
+            "ofb_slot_time": slot_time(slot).isoformat(),
+            "ofb_attempt": os.environ.get("OFB_ATTEMPT", "1")}
+    if sid := job_metadata().get("job_submission_id"):
+        tags["ray_submission_id"] = str(sid)
+    return tags

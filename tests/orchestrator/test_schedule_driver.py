@@ -44,9 +44,23 @@ def test_slot_auto_from_metadata_kuberay_or_the_due_tick(tmp_path, monkeypatch):
     assert driver.resolve_slot(cfg, "auto", NOW) == "20260218T0200Z"
 
 
-def test_run_is_named_after_its_slot(tmp_path):
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """apply() exports the slot for the parent run's tags: keep it out of other tests."""
+    for k in ("OFB_SCHEDULE", "OFB_SLOT", "OFB_ATTEMPT"):
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+
+
+def test_run_is_named_after_its_slot(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
+    assert driver.schedule_tags() == {}
     driver.apply(cfg, "nightly", "20260301T0200Z")
+    _job(monkeypatch, job_submission_id="ofb-nightly-20260301t0200z-a1")
+    assert driver.schedule_tags() == {
+        "ofb_schedule": "nightly", "ofb_slot": "20260301T0200Z", "ofb_attempt": "1",
+        "ofb_slot_time": "2026-03-01T02:00:00+00:00",
+        "ray_submission_id": "ofb-nightly-20260301t0200z-a1"}
     assert cfg.name == "nightly-20260301T0200Z" and cfg.mlflow.experiment == "nightly"
     assert cfg.mlflow.registered_model == "nightly-subnet"
     with pytest.raises(ConfigError, match="schedule is named 'nightly'"):
