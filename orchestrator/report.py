@@ -47,6 +47,7 @@ from orchestrator.records import (
     unit,
     variant,
 )
+from orchestrator.schedules import slot_report
 
 Rows = Iterable[TrialRecord | Mapping[str, Any]]  # records, or flat rows (results.parquet's)
 
@@ -330,10 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", help="a sweep folder (<output_dir>/<name>) or an MLflow "
                    "experiment")
-    p.add_argument("--schedule", help="compare this schedule's slots over time instead "
-                   "(--output-dir, --last N)")
-    p.add_argument("--output-dir", default="runs")
-    p.add_argument("--last", type=int, help="with --schedule: only the last N slots")
+    slot_report.add_arguments(p)
     p.add_argument("--tracking-uri", help="MLflow store for an experiment name (default: "
                    "MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     p.add_argument("--out", help="folder for table.txt, comparison.json, pareto.png "
@@ -341,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-log", action="store_true", help="do not log to the MLflow parent run")
     args = p.parse_args(argv)
     if args.schedule or not args.source:
-        from orchestrator.schedules import slot_report
-
         return slot_report.main(args.schedule, args.output_dir, args.last) if args.schedule \
             else p.error("give a sweep folder or experiment, or --schedule NAME")
     import os

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import urllib.request
 import warnings
 from pathlib import Path
@@ -34,6 +33,7 @@ from ray.tune import Callback
 from orchestrator.config import Config, ConfigError
 from orchestrator.records import DEFAULT_KIND, TrialRecord, as_record, hours_name, rank_key
 from orchestrator.schedules.driver import schedule_tags
+from orchestrator.schedules.jobs import git_state
 
 SUBNET_MODEL_CODE = Path(__file__).with_name("subnet_pyfunc.py")
 SEARCH_SPACE_CODE = Path(__file__).resolve().parents[1] / "search_space"
@@ -86,19 +86,9 @@ def _code_version() -> dict[str, str]:
         tags["ofb_version"] = version("ofb-orchestrator")
     except PackageNotFoundError:
         pass
-    if os.environ.get("OFB_GIT_COMMIT"):  # a submitted job: the upload has no .git (G7)
-        tags.update({"mlflow.source.git.commit": os.environ["OFB_GIT_COMMIT"],
-                     "ofb_git_dirty": str(os.environ.get("OFB_GIT_DIRTY", "0") == "1")})
-        return tags
-    root = SEARCH_SPACE_CODE.parent
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        tags.update({"mlflow.source.git.commit": sha, "ofb_git_dirty": str(bool(dirty))})
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit, dirty = git_state(SEARCH_SPACE_CODE.parent)  # env first: a job has no .git
+    if commit != "unknown":
+        tags.update({"mlflow.source.git.commit": commit, "ofb_git_dirty": str(dirty)})
     return tags
 
 

@@ -10,6 +10,7 @@ its workers, which Ray refuses to merge (G2).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,10 @@ def preflight(cfg: Config) -> None:
 
 
 def git_state(repo: Path = REPO) -> tuple[str, bool]:
-    """(commit, dirty) of the checkout being uploaded; ('unknown', False) outside git."""
+    """(commit, dirty) of the code: OFB_GIT_COMMIT / OFB_GIT_DIRTY inside a submitted job
+    (its upload has no .git, G7), else git; ('unknown', False) outside git."""
+    if os.environ.get("OFB_GIT_COMMIT"):
+        return os.environ["OFB_GIT_COMMIT"], os.environ.get("OFB_GIT_DIRTY", "0") == "1"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                                 text=True, check=True, timeout=10).stdout.strip()

@@ -10,6 +10,7 @@ slots' own spread over seeds, pooled) is flagged '!': a night that really moved,
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
@@ -93,3 +94,10 @@ def main(schedule: str, output_dir: str, last: int | None) -> int:
         return 2
     print(render(rows))
     return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--schedule", help="compare this schedule's slots over time instead "
+                   "(--output-dir, --last N)")
+    p.add_argument("--output-dir", default="runs")
+    p.add_argument("--last", type=int, help="with --schedule: only the last N slots")
