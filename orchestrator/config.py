@@ -57,6 +57,9 @@ class Config(TrainConfig):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     schedule: ScheduleSpec | None = Field(None, description="a cluster schedule for this sweep "
                                           "(orchestrator.schedule); absent: none")
+    dense_refresh: str | None = Field(
+        None, description="set by a scheduled run (schedule.refresh_dense), not by hand: the "
+        "data's digest or the slot, made part of the dense model's cache key; None: not in it")
 
     @property
     def run_dir(self) -> Path:
@@ -125,8 +128,11 @@ class Config(TrainConfig):
         sweep with other per-trial resources must still hit the cache.
         """
         data = self.data.model_dump(exclude={"loader_workers", "eval_batch_size"})
-        return _hash(dict(model=self.model.model_dump(), data=data,
-                          recipe=self.pretrain.model_dump(exclude={"cache"}), seed=self.seed))
+        parts = dict(model=self.model.model_dump(), data=data,
+                     recipe=self.pretrain.model_dump(exclude={"cache"}), seed=self.seed)
+        if self.dense_refresh:  # scheduled runs only: unscheduled keys stay as they were
+            parts["refresh"] = self.dense_refresh
+        return _hash(parts)
 
     def search_key(self) -> str:
         """Hash of what determines a search: the dense model, the shared search recipe and the

@@ -65,8 +65,9 @@ def start_ray(address: str | None = None, health_check_interval_s: float = 0.2,
                                   log_to_driver=True, configure_logging=True)
     if quiet:
         kwargs["logging_level"] = "WARNING"
-    if addr is None:
-        kwargs.update(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    if addr is None:  # "local": a `ray start` head on this machine must not be joined (G4)
+        kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=True,
+                      dashboard_host="127.0.0.1")
     else:
         kwargs["address"] = addr
     ray.init(**kwargs)

@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-log", action="store_true", help="do not log to the MLflow parent run")
     args = p.parse_args(argv)
     if args.schedule or not args.source:
-        return slot_report.main(args.schedule, args.output_dir, args.last) if args.schedule \
+        return slot_report.main(args.schedule, args.output_dir, args.last, args.tracking_uri,
+                                not args.no_log) if args.schedule \
             else p.error("give a sweep folder or experiment, or --schedule NAME")
     import os
 

@@ -61,13 +61,22 @@ def write_results(path: Path, rows: Iterable[TrialRecord | Mapping[str, Any]],
     return path
 
 
+def read_results(path: Path) -> list[TrialRecord]:
+    """The rows of an existing table ([] when there is none yet)."""
+    if not Path(path).is_file():
+        return []
+    return [TrialRecord.from_row(row) for row in pq.read_table(path).to_pylist()]
+
+
 class ResultsCallback(Callback):
     """Rewrites results.parquet each time a trial reports its final result."""
 
     def __init__(self, path: Path, space_keys: list[str], rows: list[TrialRecord] | None = None,
                  run_id: Callable[[str], str | None] | None = None):
         self.path, self.space_keys, self.run_id = path, space_keys, run_id
-        self.rows: dict[str, TrialRecord] = {r.trial_id: r for r in rows or []}
+        # a resumed sweep keeps the rows already written: the table never shrinks mid-run
+        kept = rows if rows is not None else read_results(path)
+        self.rows: dict[str, TrialRecord] = {r.trial_id: r for r in kept}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
         if result.get("phase") != "done":

@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        from orchestrator.schedules.jobs import git_state
+
+        commit, dirty = git_state()
+        print(f"[run] code {Path(__file__).resolve().parents[1]} (commit {commit}"
+              f"{', uncommitted changes' if dirty else ''})", flush=True)
         print(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         return 0
     if slot is None:

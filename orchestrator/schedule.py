@@ -22,7 +22,7 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.schedules.jobs import job_spec, preflight
 from orchestrator.schedules.ledger import Ledger
 from orchestrator.schedules.reconcile import Decision, decide, last_attempt
-from orchestrator.submit import client_for, cluster_version, submit_spec
+from orchestrator.submit import claim, client_for, cluster_version, send
 
 ACTIVE = ("PENDING", "RUNNING")
 
@@ -34,6 +34,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--now", help="ISO time to reconcile at (tests; default: now, UTC)")
     p.add_argument("--every", type=float, default=900,
                    help="seconds between calls (catch_up none runs a slot only on the first)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="submitted jobs only validate their config (checks the wiring)")
     p.add_argument("overrides", nargs="*")
     return p.parse_args(argv)
 
@@ -72,7 +74,7 @@ def stop(ledger: Ledger, client: Any, slots: tuple[str, ...], wait_s: float = 18
 
 
 def carry_out(d: Decision, cfg: Any, config_file: str | None, overrides: list[str],
-              ledger: Ledger, client: Any, session: str, now: datetime) -> str:
+              ledger: Ledger, client: Any, session: str, dry_run: bool = False) -> str:
     if d.action in ("missed", "skip"):
         status = "MISSED" if d.action == "missed" else "SKIPPED"
         ledger.claim(d.slot, {"decision": status, "reason": d.reason, "attempts": []})
@@ -80,15 +82,12 @@ def carry_out(d: Decision, cfg: Any, config_file: str | None, overrides: list[st
     if d.action != "submit":
         return f"{d.slot}: {d.action} ({d.reason})"
     stop(ledger, client, d.stop)
-    spec = job_spec(cfg, config_file, overrides, ledger.schedule, d.slot, d.attempt)
-    record = {"submission_id": spec.submission_id, "ray_session": session,
-              "submitted_at": now.isoformat(), "status": "PENDING"}
-    if d.attempt == 1:
-        if not ledger.claim(d.slot, {"decision": "SUBMITTED", "attempts": [record]}):
-            return f"{d.slot}: claimed by another scheduler"
-    else:
-        ledger.update(d.slot, lambda e: {**e, "attempts": [*e["attempts"], record]})
-    outcome = submit_spec(client, spec)
+    spec = job_spec(cfg, config_file, overrides, ledger.schedule, d.slot, d.attempt,
+                    dry_run=dry_run)
+    refused = claim(ledger, spec, d.attempt, session)
+    if refused:
+        return f"{d.slot}: {refused}"
+    outcome = send(client, spec, ledger)
     return f"{d.slot}: {outcome} as {spec.submission_id} ({d.reason})"
 
 
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     running = refresh(ledger, client, remote.get("session_name", ""))
     d = decide(spec, now, ledger, running, period_s=a.every)
     line = carry_out(d, cfg, a.config, a.overrides, ledger, client,
-                     remote.get("session_name", ""), now)
+                     remote.get("session_name", ""), dry_run=a.dry_run)
     print(f"[schedule] {line}", flush=True)
     return 0
 

@@ -25,7 +25,8 @@ from datetime import datetime, timezone
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.schedules.jobs import JobSpec, job_spec, preflight
-from orchestrator.schedules.slots import slot_id
+from orchestrator.schedules.ledger import Ledger
+from orchestrator.schedules.slots import slot_id, slot_time
 
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 AGENT_WAIT_S = 60  # "No available agent" right after a head starts: retry this long
@@ -44,6 +45,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-upload", action="store_true",
                    help="run the code installed on the cluster instead of uploading this one")
     p.add_argument("--python", default="python", help="the cluster's Python for the entrypoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the job only validates its config on the cluster (checks the wiring)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_args(argv)
 
@@ -62,7 +65,13 @@ def cluster_version(address: str, timeout: float = 10, key: str = "--address") -
 def client_for(address: str):
     """A JobSubmissionClient for exactly `address`: RAY_ADDRESS / RAY_API_SERVER_ADDRESS would
     silently win over it, so they are dropped from this process's environment."""
+    import logging
+
     from ray.job_submission import JobSubmissionClient
+
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
+                 "ray._private.runtime_env.working_dir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         if os.environ.pop(k, None) is not None:
@@ -103,14 +112,56 @@ def follow(client, submission_id: str) -> int:
     return EXIT[status]
 
 
+def claim(ledger: Ledger, spec: JobSpec, attempt: int, session: str) -> str | None:
+    """Record this attempt in the slot's ledger entry; None when it may be submitted, else
+    why not. The ledger, not Ray, decides: Ray forgets ids with its head."""
+    slot = spec.metadata["ofb_slot"]
+    record = {"submission_id": spec.submission_id, "ray_session": session, "status": "PENDING",
+              "submitted_at": datetime.now(timezone.utc).isoformat()}
+    if ledger.claim(slot, {"decision": "SUBMITTED", "attempts": [record]}):
+        return None
+    entry = ledger.read(slot) or {}
+    attempts = entry.get("attempts") or []
+    if any(a.get("submission_id") == spec.submission_id for a in attempts):
+        return "already submitted"
+    last = attempts[-1]["status"] if attempts else entry.get("decision", "claimed")
+    if attempt == len(attempts) + 1 and last in ("FAILED", "LOST", "STOPPED"):
+        ledger.update(slot, lambda e: {**e, "attempts": [*e["attempts"], record]})
+        return None
+    return (f"slot {slot} is {last} after {len(attempts)} attempt(s) in {ledger.path(slot)}; "
+            f"a new attempt is --attempt {len(attempts) + 1}, after a FAILED, LOST or STOPPED one")
+
+
+def send(client, spec: JobSpec, ledger: Ledger | None) -> str:
+    """submit_spec, and a claimed attempt that never reached Ray is recorded FAILED (so the
+    scheduler's next call retries it instead of waiting on a job Ray never had)."""
+    try:
+        return submit_spec(client, spec)
+    except Exception as e:
+        why = f"submit failed: {e}"[:500]
+        if ledger is not None:
+            ledger.update(spec.metadata["ofb_slot"], lambda en: {**en, "attempts": [
+                *en["attempts"][:-1], {**en["attempts"][-1], "status": "FAILED",
+                                       "reason": why}]})
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parse(argv)
     try:
         cfg = load_config(a.config, a.overrides)
         preflight(cfg)
+        if a.schedule != "adhoc":
+            named = (cfg.schedule.name or cfg.name) if cfg.schedule else None
+            if named != a.schedule:
+                raise ConfigError(f"--schedule {a.schedule!r}: the config's schedule is "
+                                  f"{named!r} (its `schedule` section; name defaults to the "
+                                  "config's name)" if named else f"--schedule {a.schedule!r}:"
+                                  " the config has no `schedule` section (schedule.cron)")
         slot = a.slot or slot_id(datetime.now(timezone.utc))
+        slot_time(slot)  # refuses a malformed --slot
         spec = job_spec(cfg, a.config, a.overrides, a.schedule, slot, a.attempt,
-                        python=a.python, upload=not a.no_upload)
+                        python=a.python, upload=not a.no_upload, dry_run=a.dry_run)
         import ray
 
         remote = cluster_version(a.address)
@@ -122,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     client = client_for(a.address)
-    outcome = submit_spec(client, spec)
+    session = str(remote.get("session_name", ""))
+    if a.schedule != "adhoc":
+        refused = claim(Ledger(cfg.output_dir, a.schedule), spec, a.attempt, session)
+        if refused:
+            print(f"[submit] {spec.submission_id}: {refused}", flush=True)
+            return 0
+    outcome = send(client, spec, Ledger(cfg.output_dir, a.schedule)
+                   if a.schedule != "adhoc" else None)
     status = client.get_job_status(spec.submission_id).value
     print(f"[submit] {spec.submission_id}: {outcome} ({status}); session "
           f"{remote.get('session_name')}", flush=True)

@@ -41,6 +41,14 @@ from orchestrator.tracking import Tracker, TrackingCallback
 # The trial driver only waits on its Train runs. It asks for memory and no CPU: any CPU share
 # (even 0.01) on top of 2 workers x 1 CPU never fits a 2-core machine, and {"CPU": 0} raises.
 DRIVER_RESOURCES = {"memory": 64 * 1024**2}
+# A cluster whose head offers this custom resource (cluster.yaml, the RayCronJob manifest) gets
+# its trial drivers pinned there: a driver on a spot node would take its trial down with it (G5).
+DRIVER_NODE = "ofb_driver"
+
+
+def driver_resources(resources: dict[str, float]) -> dict[str, float]:
+    """What one trial driver asks for on a cluster with these total `resources`."""
+    return {**DRIVER_RESOURCES, **({DRIVER_NODE: 1} if resources.get(DRIVER_NODE) else {})}
 
 
 def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
@@ -169,7 +177,7 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=cfg.model_dump(), dense_dir=str(dense.path),
                              trials_dir=str(sweep_dir / "trials")),
-        DRIVER_RESOURCES)
+        driver_resources(resources))
     concurrent = trials_that_fit(cfg, resources, cluster_shape(cfg, resources))
     space_keys = list(cfg.sweep.space)
     dense_info = report.Dense(dense.metrics.get("test_top1"), dense.macs,

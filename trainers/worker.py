@@ -122,12 +122,18 @@ def latest_checkpoint() -> Iterator[Path | None]:
 
 
 def report(env: WorkerEnv, metrics: dict[str, Any],
-           write_checkpoint: Callable[[Path], None] | None = None) -> None:
-    """Report metrics from every rank; rank 0 attaches a checkpoint written by the callback."""
+           write_checkpoint: Callable[[Path], None] | None = None,
+           upload: str = "SYNC") -> None:
+    """Report metrics from every rank; rank 0 attaches a checkpoint written by the callback.
+    `upload`: Ray's CheckpointUploadMode (ASYNC for large GPU checkpoints; SYNC on CPU)."""
     if write_checkpoint is None or not env.is_main:
         ray.train.report(metrics, checkpoint=None)
         return
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
-        write_checkpoint(Path(d))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    # Not a TemporaryDirectory (G6): with CheckpointUploadMode.ASYNC the upload reads the
+    # folder after report() returns; Ray deletes it once uploaded, in either mode.
+    d = tempfile.mkdtemp(prefix="ckpt-")
+    write_checkpoint(Path(d))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode[upload],
+                     delete_local_checkpoint_after_upload=True)
 

@@ -18,9 +18,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from orchestrator.config import Config, ConfigError
+from orchestrator.schedules.digest import data_digest
 from orchestrator.schedules.ledger import Ledger
 from orchestrator.schedules.reconcile import last_attempt
 from orchestrator.schedules.slots import due, slot_id, slot_time
+from orchestrator.schedules.warm_start import warm_start
 
 ACTIVE = ("PENDING", "RUNNING")
 # a KubeRay RayCronJob child's submission id: <cronjob>-<unix minutes>-<5 random characters>
@@ -62,8 +64,16 @@ def apply(cfg: Config, schedule: str, slot: str) -> None:
     cfg.name = f"{schedule}-{slot}"
     os.environ.setdefault("OFB_SCHEDULE", schedule)  # for the parent run's tags
     os.environ.setdefault("OFB_SLOT", slot)
+    digest = data_digest(cfg.data)
+    os.environ["OFB_DATA_DIGEST"] = digest
+    # G8: the dense cache follows the data's content (on_data_change), every slot (always), or
+    # only the config (never, the unscheduled behaviour)
+    cfg.dense_refresh = {"on_data_change": f"data:{digest}", "always": f"slot:{slot}",
+                         "never": None}[cfg.schedule.refresh_dense]
     cfg.mlflow.experiment = cfg.mlflow.experiment or schedule
     cfg.mlflow.registered_model = cfg.mlflow.registered_model or f"{schedule}-subnet"
+    if line := warm_start(cfg, schedule, slot):
+        print(f"[run] {line}", flush=True)
 
 
 def _set_last(ledger: Ledger, slot: str, **fields: Any) -> None:
@@ -114,7 +124,7 @@ def finish(cfg: Config, schedule: str, slot: str, status: str, exit_code: int | 
 
 def schedule_tags() -> dict[str, str]:
     """MLflow tags of a scheduled run's parent ({} for an unscheduled run): schedule, slot (and
-    its ISO time, sortable), attempt, Ray submission id."""
+    its ISO time, sortable), attempt, Ray submission id, the data's digest."""
     schedule, slot = os.environ.get("OFB_SCHEDULE"), os.environ.get("OFB_SLOT")
     if not (schedule and slot):
         return {}
@@ -123,4 +133,6 @@ def schedule_tags() -> dict[str, str]:
             "ofb_attempt": os.environ.get("OFB_ATTEMPT", "1")}
     if sid := job_metadata().get("job_submission_id"):
         tags["ray_submission_id"] = str(sid)
+    if digest := os.environ.get("OFB_DATA_DIGEST"):
+        tags["ofb_data_digest"] = digest
     return tags

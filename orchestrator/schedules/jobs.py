@@ -11,6 +11,7 @@ its workers, which Ray refuses to merge (G2).
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +66,21 @@ class JobSpec:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def _config_arg(config_file: str) -> str:
+    """The config as the job sees it: relative to the uploaded repo when it lies inside it (the
+    job's cwd is the unpacked upload), else the absolute path, which must then exist on the head
+    (shared storage)."""
+    p = Path(config_file).expanduser().resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
 def job_spec(cfg: Config, config_file: str | None, overrides: list[str], schedule: str,
              slot: str, attempt: int, python: str = "python", upload: bool = True,
-             extra_env: dict[str, str] | None = None) -> JobSpec:
-    """The job of one attempt at one slot (or of an ad-hoc run: schedule 'adhoc')."""
+             extra_env: dict[str, str] | None = None, dry_run: bool = False) -> JobSpec:
+    """The job of one attempt at one slot (or of an ad-hoc run: schedule 'adhoc', which is
+    named `adhoc-<slot>` and keeps no ledger). A scheduled job runs `orchestrator.run --schedule
+    S --slot X`, so its driver takes over the ledger entry and names its run after the slot;
+    `dry_run` makes the job only validate its config (the wiring, checked without training)."""
     clash = sorted(set(extra_env or {}) & set(WORKER_ENV))
     if clash:
         raise ConfigError(f"env vars {clash} are set by the orchestrator for its workers; a job "
@@ -82,9 +94,15 @@ def job_spec(cfg: Config, config_file: str | None, overrides: list[str], schedul
         runtime_env.update(working_dir=str(REPO), excludes=EXCLUDES)
     args = [python, "-m", "orchestrator.run"]
     if config_file:
-        args += ["--config", config_file]
-    args += [f"name={schedule}-{slot}", *overrides]
+        args += ["--config", _config_arg(config_file)]
+    if schedule != "adhoc":
+        args += ["--schedule", schedule, "--slot", slot]
+    if dry_run:
+        args += ["--dry-run"]
+    if schedule == "adhoc":  # options first: argparse takes the key=value list once
+        args += [f"name={schedule}-{slot}"]
+    args += list(overrides)
     sid = submission_id(schedule, slot, attempt)
     meta = {"ofb_schedule": schedule, "ofb_slot": slot, "ofb_attempt": str(attempt),
             "ofb_git_commit": commit, "ofb_config_name": cfg.name}
-    return JobSpec(sid, " ".join(args), runtime_env, meta)
+    return JobSpec(sid, " ".join(shlex.quote(a) for a in args), runtime_env, meta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -85,14 +86,45 @@ def render(rows: list[dict[str, Any]], k: float = 2.0) -> str:
                       "deviations of the two slots (pooled)"])
 
 
-def main(schedule: str, output_dir: str, last: int | None) -> int:
-    """`orchestrator.report --schedule`: print the slots' table; 2 when there is none."""
+def log_deltas(rows: list[dict[str, Any]], output_dir: str, schedule: str,
+               uri: str | None) -> list[str]:
+    """Each slot's changes as metrics of its MLflow parent run (`slot_delta_top1/<group>/
+    <budget>`, `slot_delta_mean_top1/...`, `slot_flag/...`); the run ids logged to."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import log_metrics
+
+    folders = dict(slot_folders(output_dir, schedule))
+    per_slot: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["delta"] is None:
+            continue
+        name = "/".join(re.sub(r"[^A-Za-z0-9_.\-]", "_", str(x)) for x in (r["group"],
+                                                                           r["budget"]))
+        per_slot.setdefault(r["slot"], {}).update({
+            f"slot_delta_top1/{name}": r["delta"],
+            f"slot_delta_mean_top1/{name}": r["delta_mean"], f"slot_flag/{name}": float(r["flag"])})
+    logged = []
+    for slot, metrics in per_slot.items():
+        run_id, where = report._parent_of_folder(folders[slot], uri)
+        if run_id and where:
+            log_metrics(MlflowClient(where), run_id, metrics)
+            logged.append(run_id)
+    return logged
+
+
+def main(schedule: str, output_dir: str, last: int | None, uri: str | None = None,
+         log: bool = True) -> int:
+    """`orchestrator.report --schedule`: print the slots' table and log each slot's changes to
+    its parent run; 2 when there is no slot."""
     rows = over_slots(output_dir, schedule, last)
     if not rows:
         print(f"error: no slot of schedule {schedule!r} with results under {output_dir} "
               f"(folders {schedule}-<YYYYMMDDTHHMMZ>/results.parquet)", file=sys.stderr)
         return 2
     print(render(rows))
+    if log and (runs := log_deltas(rows, output_dir, schedule, uri)):
+        print(f"  logged the changes to {len(runs)} slot parent run(s) in MLflow")
     return 0
 
 

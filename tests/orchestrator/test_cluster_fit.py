@@ -194,3 +194,13 @@ def test_embedded_ray_refuses_a_trial_this_machine_cannot_hold():
     check_machine_fits(cpu, cpus=4, gpus=0)
     remote = load_config(None, ["scaling.use_gpu=true", "ray.address=auto"])
     check_machine_fits(remote, cpus=2, gpus=0)  # a cluster may scale up: not checked here
+
+
+def test_trial_drivers_pin_to_the_head_only_where_it_offers_them_room():
+    """G5: a head started with --resources '{"ofb_driver": 1000}' hosts every trial driver;
+    a cluster without that resource (embedded Ray, an older head) must not wait for it."""
+    from orchestrator.sweep import DRIVER_RESOURCES, driver_resources
+
+    assert driver_resources({"CPU": 2.0}) == DRIVER_RESOURCES
+    assert driver_resources({"CPU": 8.0, "ofb_driver": 1000.0}) == {
+        **DRIVER_RESOURCES, "ofb_driver": 1}

@@ -21,3 +21,6 @@ def test_cluster_config_validates(name):
     assert "docker" not in raw  # no container image, so no frozen rayproject/ray-ml image
     assert any("--head" in c for c in raw["head_start_ray_commands"])
     assert any("dashboard-host=127.0.0.1" in c for c in raw["head_start_ray_commands"])
+    head = next(c for c in raw["head_start_ray_commands"] if "--head" in c)
+    assert "ofb-orchestrator/.venv/bin:$PATH" in head  # `python` of submitted jobs (jobs.py)
+    assert "ofb_driver" in head  # trial drivers pinned to the head (G5)

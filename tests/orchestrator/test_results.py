@@ -65,3 +65,11 @@ def test_columns_are_the_record_fields_and_top1_stays_true(tmp_path):
     back = TrialRecord.from_row(row)
     assert back == TrialRecord(**{**asdict(rec), "mlflow_run_id": "run-t1"})
     assert back.row() == row
+    # a resumed sweep's callback starts from the rows already written: a new trial adds its
+    # row, the earlier one stays (the table used to lose it until the sweep's end)
+    cb2 = ResultsCallback(tmp_path / "results.parquet", ["search.budget"])
+    assert set(cb2.rows) == {"t1"}
+    t2 = SimpleNamespace(trial_id="t2", config={"search.budget": 0.3})
+    cb2.on_trial_result(1, [], t2, {**tune_result, "trial_id": "t2"})
+    rows = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    assert [r["trial_id"] for r in rows] == ["t1", "t2"]

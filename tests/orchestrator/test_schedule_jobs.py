@@ -31,7 +31,10 @@ def test_job_spec_carries_slot_commit_and_stop_signal():
     j = job_spec(cfg, "configs/ofb_quick.yaml", ["seed=1"], "nightly", "20260301T0200Z", 2)
     assert j.submission_id == "ofb-nightly-20260301t0200z-a2"
     assert j.entrypoint == ("python -m orchestrator.run --config configs/ofb_quick.yaml "
-                            "name=nightly-20260301T0200Z seed=1")
+                            "--schedule nightly --slot 20260301T0200Z seed=1")
+    adhoc = job_spec(cfg, "/elsewhere/x.yaml", [], "adhoc", "20260301T0200Z", 1, dry_run=True)
+    assert adhoc.entrypoint == ("python -m orchestrator.run --config /elsewhere/x.yaml "
+                                "--dry-run name=adhoc-20260301T0200Z")
     env = j.runtime_env["env_vars"]
     assert env["RAY_JOB_STOP_SIGNAL"] == "SIGINT" and int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
     assert len(env["OFB_GIT_COMMIT"]) == 40 and env["OFB_SLOT"] == "20260301T0200Z"

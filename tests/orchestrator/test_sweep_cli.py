@@ -70,7 +70,9 @@ def test_sweep_spreads_over_two_nodes(tmp_path, fmnist_dir):
     script = (
         "import sys\n"
         "from ray.cluster_utils import Cluster\n"
-        "c = Cluster(initialize_head=True, head_node_args={'num_cpus': 2})\n"
+        # the head offers ofb_driver, as cluster.yaml's does: trial drivers ask for it (G5)
+        "c = Cluster(initialize_head=True, head_node_args={'num_cpus': 2,"
+        " 'resources': {'ofb_driver': 1000}})\n"
         "c.add_node(num_cpus=2)\n"
         "c.wait_for_nodes()\n"
         "from orchestrator.run import main\n"
