@@ -71,7 +71,7 @@ def client_for(address: str):
 
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
                  "ray._private.runtime_env.working_dir"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         if os.environ.pop(k, None) is not None:
@@ -110,6 +110,14 @@ def follow(client, submission_id: str) -> int:
         status = str(client.get_job_status(submission_id).value)
     print(f"[submit] {submission_id}: {status}", flush=True)
     return EXIT[status]
+
+
+def parent_run(ledger: Ledger | None, slot: str, submission_id: str) -> str | None:
+    """The MLflow parent run the job's driver wrote to the slot's ledger entry."""
+    for a in ((ledger.read(slot) or {}).get("attempts") or []) if ledger else []:
+        if a.get("submission_id") == submission_id:
+            return a.get("mlflow_run_id")
+    return None
 
 
 def claim(ledger: Ledger, spec: JobSpec, attempt: int, session: str) -> str | None:
@@ -184,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     status = client.get_job_status(spec.submission_id).value
     print(f"[submit] {spec.submission_id}: {outcome} ({status}); session "
           f"{remote.get('session_name')}", flush=True)
-    return follow(client, spec.submission_id) if a.follow else 0
+    if not a.follow:
+        return 0
+    code = follow(client, spec.submission_id)
+    ledger = Ledger(cfg.output_dir, a.schedule) if a.schedule != "adhoc" else None
+    if run_id := parent_run(ledger, slot, spec.submission_id):
+        print(f"[submit] MLflow parent run {run_id}", flush=True)
+    return code
 
 
 if __name__ == "__main__":

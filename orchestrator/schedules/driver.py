@@ -116,6 +116,9 @@ def enter(cfg: Config, schedule: str, slot: str, now: datetime,
 def finish(cfg: Config, schedule: str, slot: str, status: str, exit_code: int | None,
            mlflow_run_id: str | None = None) -> None:
     ledger = Ledger(cfg.output_dir, schedule)
+    tracked = cfg.run_dir / "mlflow.json"  # written by the sweep once its parent run exists
+    if mlflow_run_id is None and tracked.is_file():
+        mlflow_run_id = json.loads(tracked.read_text()).get("parent_run_id")
     if ledger.read(slot) is not None:
         _set_last(ledger, slot, status=status, driver_exit_code=exit_code,
                   mlflow_run_id=mlflow_run_id,

@@ -50,15 +50,19 @@ def test_two_slots_end_to_end(tmp_path, head, mlflow_server, fmnist_dir, capsys)
         "sweep.points_to_evaluate": "[]", "mlflow.tracking_uri": mlflow_server}))
     _, tick_to_trial = run_slot(head, f, "2026-11-24T10:01Z", SLOTS[0], runs)
     run_slot(head, f, "2026-11-24T11:01Z", SLOTS[1], runs)
+    ran = {}
     for slot in SLOTS:
         assert (runs / f"e2e-{slot}" / "results.parquet").is_file()
-        assert Ledger(runs, "e2e").read(slot)["attempts"][-1]["status"] == "SUCCEEDED"
+        last = Ledger(runs, "e2e").read(slot)["attempts"][-1]
+        assert last["status"] == "SUCCEEDED" and last["driver_exit_code"] == 0
+        ran[slot] = last["mlflow_run_id"]
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("e2e")  # the schedule's name: slots line up
     query = "tags.ofb_role = 'sweep' and tags.ofb_schedule = 'e2e'"
     parents = client.search_runs([exp.experiment_id], query, order_by=["tags.ofb_slot DESC"])
     assert [p.data.tags["ofb_slot"] for p in parents] == list(reversed(SLOTS))
+    assert {p.data.tags["ofb_slot"]: p.info.run_id for p in parents} == ran  # in the ledger
     for p in parents:
         assert p.data.tags["ray_submission_id"].startswith("ofb-e2e-")
         assert len(p.data.tags["mlflow.source.git.commit"]) == 40  # from OFB_GIT_COMMIT (G7)
