@@ -2,6 +2,7 @@
 
     python -m orchestrator.submit [--config FILE] [--address http://HEAD:8265] [--follow]
                                   [--schedule NAME --slot SLOT --attempt N] [--no-upload]
+                                  [--env KEY=VALUE ...] [--dry-run]
                                   [key=value ...]
 
 Returns once Ray has the job (its submission id is printed); `--follow` tails its logs and
@@ -45,6 +46,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-upload", action="store_true",
                    help="run the code installed on the cluster instead of uploading this one")
     p.add_argument("--python", default="python", help="the cluster's Python for the entrypoint")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an env var for the job's driver and workers (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="the job only validates its config on the cluster (checks the wiring)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
@@ -168,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
                                   " the config has no `schedule` section (schedule.cron)")
         slot = a.slot or slot_id(datetime.now(timezone.utc))
         slot_time(slot)  # refuses a malformed --slot
+        bad = [e for e in a.env if "=" not in e or not e.split("=", 1)[0]]
+        if bad:
+            raise ConfigError(f"--env {bad[0]!r}: give KEY=VALUE")
         spec = job_spec(cfg, a.config, a.overrides, a.schedule, slot, a.attempt,
-                        python=a.python, upload=not a.no_upload, dry_run=a.dry_run)
+                        python=a.python, upload=not a.no_upload, dry_run=a.dry_run,
+                        extra_env=dict(e.split("=", 1) for e in a.env))
         import ray
 
         remote = cluster_version(a.address)

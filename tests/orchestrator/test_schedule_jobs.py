@@ -89,6 +89,12 @@ def test_submit_refuses_before_contacting_ray(capsys):
     assert "output_dir='./runs' is relative" in capsys.readouterr().err
     assert main(["--address", "http://127.0.0.1:9", "output_dir=/shared/runs"]) == 2
     assert "no Ray dashboard answers there" in capsys.readouterr().err
+    assert main(["--env", "HF_HUB_OFFLINE=0", "output_dir=/shared/runs"]) == 2
+    assert "['HF_HUB_OFFLINE'] are set by the orchestrator" in capsys.readouterr().err
+    assert main(["--env", "NOVALUE", "output_dir=/shared/runs"]) == 2
+    assert "--env 'NOVALUE': give KEY=VALUE" in capsys.readouterr().err
+    assert main(["--schedule", "weekly", "output_dir=/shared/runs"]) == 2
+    assert "the config has no `schedule` section" in capsys.readouterr().err
 
 
 def test_schedule_refuses_before_contacting_ray(capsys):
