@@ -56,12 +56,17 @@ def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedPr
 def sleeper(head, schedule_name: str, slot: str, seconds: int, trap: Path) -> str:
     """A running slot as the ledger and Ray see it: a job that sleeps, and records SIGINT."""
     sid = submission_id(schedule_name, slot, 1)
-    script = (f"trap 'echo INT > {trap}; kill $p; exit 130' INT; "
+    ready = trap.with_suffix(".ready")
+    script = (f"trap 'echo INT > {trap}; kill $p; exit 130' INT; touch {ready}; "
               f"sleep {seconds} & p=$!; wait $p")
     head.client().submit_job(entrypoint=f"bash -c {shlex.quote(script)}", submission_id=sid,
                              runtime_env={"env_vars": STOP_ENV},
                              metadata={"ofb_schedule": schedule_name, "ofb_slot": slot})
     head.wait(sid, 60, until=("RUNNING",))
+    deadline = time.time() + 60  # RUNNING comes before bash has set its trap, on a busy machine
+    while not ready.exists():
+        assert time.time() < deadline, f"{sid} never set its SIGINT trap"
+        time.sleep(0.2)
     return sid
 
 
