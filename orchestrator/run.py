@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -103,6 +104,10 @@ def preflight(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started with SIGINT ignored (a background launcher, a Ray head started so): Ray's
+        # graceful stop signal would then never reach us, and the sweep could not checkpoint
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parse(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -94,7 +94,10 @@ def start_head(log: Path, num_cpus: int = 2) -> Head:
          f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
          f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
          f"--object-manager-port={free_port()}"],
-        env=head_env(), start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        env=head_env(), start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+        # a suite started in the background (CI) inherits SIGINT ignored, and so would every
+        # job of the head: a shell can't trap it then, a Python driver never sees Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     head = Head(proc, f"http://127.0.0.1:{dport}", tmp, log)
     deadline = time.time() + READY_S
     while True:
