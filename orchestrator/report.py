@@ -47,24 +47,13 @@ from orchestrator.records import (
     unit,
     variant,
 )
+from orchestrator.report_sources import Dense, from_folder, from_mlflow, parent_of_folder
 from orchestrator.schedules import slot_report
 
 Rows = Iterable[TrialRecord | Mapping[str, Any]]  # records, or flat rows (results.parquet's)
 
 REFERENCE = "ofb"  # the one-stage method every other method is compared with
 CONTROL = "dense_control"  # the dense model fine-tuned like the subnets, not pruned
-
-
-@dataclass
-class Dense:
-    top1: float | None
-    macs: float | None
-    device_hours: float  # in `device_kind` hours: the dense model's may differ from the trials'
-    device_kind: str = "cpu_core"
-
-    @property
-    def hours(self) -> Hours:
-        return {self.device_kind: self.device_hours}
 
 
 @dataclass
@@ -274,58 +263,6 @@ def write(report: Report, rows: Rows, dense: Dense, out: Path,
 
 
 # -- sources --------------------------------------------------------------------------------
-def from_folder(folder: Path) -> tuple[list[TrialRecord], Dense]:
-    import pyarrow.parquet as pq
-
-    table = folder / "results.parquet"
-    if not table.is_file():
-        raise FileNotFoundError(f"{folder} holds no results.parquet: not a sweep folder (give "
-                                "<output_dir>/<name>, or an MLflow experiment name)")
-    recs = [TrialRecord.from_row(row) for row in pq.read_table(table).to_pylist()]
-    d = json.loads((folder / "dense.json").read_text()) if (folder / "dense.json").exists() \
-        else {}
-    return recs, Dense(d.get("top1"), d.get("macs"), d.get("device_hours", 0.0),
-                       d.get("device_kind", "cpu_core"))
-
-
-def from_mlflow(experiment: str, uri: str) -> tuple[list[TrialRecord], Dense, str]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = [e.name for e in client.search_experiments(max_results=50)]
-        raise FileNotFoundError(f"no sweep folder and no MLflow experiment {experiment!r} at "
-                                f"{uri}; experiments there: {names}")
-    parents = client.search_runs([exp.experiment_id], "tags.ofb_role = 'sweep'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        raise FileNotFoundError(f"experiment {experiment!r} at {uri} holds no sweep run")
-    parent = parents[0]
-    dense = dense_of_run(parent.data.metrics, parent.data.tags, parent.data.params)
-    rows = []
-    for run in client.search_runs(
-            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-            max_results=5000):
-        if run.data.tags.get("status") == "finished":
-            rows.append(TrialRecord.from_mlflow(run.info.run_id, run.data.metrics,
-                                                run.data.tags))
-    return rows, dense, parent.info.run_id
-
-
-def dense_of_run(metrics: Mapping[str, float], tags: Mapping[str, str],
-                 params: Mapping[str, str]) -> Dense:
-    """The dense model of a sweep's parent run: its cost is `pretrain_<unit>` under the tag
-    `dense_device_kind` (the dense model may come from the cache, trained on another kind of
-    device than the sweep). Runs logged before: `pretrain_device_hours`, kind from the sweep's
-    scaling.use_gpu."""
-    kind = tags.get("dense_device_kind") or next(
-        (k for k in ("gpu", "cpu_core") if f"pretrain_{hours_name(k)}" in metrics),
-        "gpu" if params.get("scaling.use_gpu") == "True" else "cpu_core")
-    hours = metrics.get(f"pretrain_{hours_name(kind)}", metrics.get("pretrain_device_hours", 0))
-    return Dense(metrics.get("dense_top1"), metrics.get("dense_macs"), hours, kind)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestrator.report", description=__doc__.split(
         "\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if folder.is_dir():
             rows, dense = from_folder(folder)
             out, title = Path(args.out or folder / "report"), folder.name
-            parent_id, uri = _parent_of_folder(folder, uri)
+            parent_id, uri = parent_of_folder(folder, uri)
         else:
             uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or \
                 f"sqlite:///{Path('runs/mlflow.db').resolve()}"
@@ -374,30 +311,6 @@ def main(argv: list[str] | None = None) -> int:
         log_to_run(MlflowClient(uri), parent_id, report.metrics, files, "report")
         print(f"  logged to    MLflow run {parent_id} ({uri})")
     return 0
-
-
-def _parent_of_folder(folder: Path, uri: str | None) -> tuple[str | None, str | None]:
-    """The MLflow sweep run of a sweep folder, through the config saved beside it."""
-    import yaml
-
-    from orchestrator.config import validate
-
-    f = folder / "config.yaml"
-    if not f.exists():
-        return None, uri
-    cfg = validate(yaml.safe_load(f.read_text()))
-    if not cfg.mlflow.enabled:
-        return None, uri
-    from mlflow import MlflowClient
-
-    uri = uri or cfg.tracking_uri
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment or cfg.name)
-    if exp is None:
-        return None, uri
-    runs = client.search_runs([exp.experiment_id], "tags.ofb_role = 'sweep' and "
-                              f"tags.ofb_sweep_dir = '{folder.resolve()}'", max_results=1)
-    return (runs[0].info.run_id if runs else None), uri
 
 
 if __name__ == "__main__":

@@ -189,20 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     client = client_for(a.address)
     session = str(remote.get("session_name", ""))
-    if a.schedule != "adhoc":
-        refused = claim(Ledger(cfg.output_dir, a.schedule), spec, a.attempt, session)
-        if refused:
-            print(f"[submit] {spec.submission_id}: {refused}", flush=True)
-            return 0
-    outcome = send(client, spec, Ledger(cfg.output_dir, a.schedule)
-                   if a.schedule != "adhoc" else None)
+    ledger = Ledger(cfg.output_dir, a.schedule) if a.schedule != "adhoc" else None
+    if ledger is not None and (refused := claim(ledger, spec, a.attempt, session)):
+        print(f"[submit] {spec.submission_id}: {refused}", flush=True)
+        return 0
+    outcome = send(client, spec, ledger)
     status = client.get_job_status(spec.submission_id).value
-    print(f"[submit] {spec.submission_id}: {outcome} ({status}); session "
-          f"{remote.get('session_name')}", flush=True)
+    print(f"[submit] {spec.submission_id}: {outcome} ({status}); session {session}", flush=True)
     if not a.follow:
         return 0
     code = follow(client, spec.submission_id)
-    ledger = Ledger(cfg.output_dir, a.schedule) if a.schedule != "adhoc" else None
     if run_id := parent_run(ledger, slot, spec.submission_id):
         print(f"[submit] MLflow parent run {run_id}", flush=True)
     return code

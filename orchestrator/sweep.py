@@ -191,8 +191,6 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
         tracker.start_sweep(dense)
         print(f"[mlflow] sweep run {tracker.parent_id} in experiment "
               f"{cfg.mlflow.experiment or cfg.name!r} at {tracker.uri}", flush=True)
-        (sweep_dir / "mlflow.json").write_text(json.dumps(  # for the schedule's ledger
-            {"tracking_uri": tracker.uri, "parent_run_id": tracker.parent_id}))
         callbacks.append(TrackingCallback(tracker, dense.cost.device_hours
                                           / cfg.sweep.num_samples))
     callbacks.append(ResultsCallback(sweep_dir / "results.parquet", space_keys,

@@ -12,8 +12,8 @@ Only the orchestrator talks to MLflow (workers report through Ray Train). Layout
   `total_<unit>` with unit `gpu_hours` or `cpu_core_hours`; GPU- and CPU-core-hours are never
   added together), tags method/budget/status, the subnet as a pyfunc model and its arch.json;
 - the registry: per budget, the best subnet gets the aliases `best-<budget>` and
-  `<method>-<budget>` on the registered model `<name>-subnet` (aliases, not stages); a
-  scheduled slot's take `latest-<budget>` and `best-<budget>` only if better (schedules/registry).
+  `<method>-<budget>` on the registered model `<name>-subnet` (aliases, not stages; a
+  scheduled slot's: schedules/registry.py).
 
 A callback of our own rather than Ray's MLflowLoggerCallback: a rerun must find the same parent
 and the same child per trial id (Tuner.restore), curves come from the phases' result files, and
@@ -271,19 +271,15 @@ class Tracker:
                 if alias not in best or rank_key(r) > rank_key(best[alias]):
                     best[alias] = r
         done: dict[str, str] = {}
-        slot = schedule_tags().get("ofb_slot")  # scheduled: latest-/best-<budget> (registry.py)
         for alias, r in sorted(best.items()):
             run = self.client.get_run(r.mlflow_run_id)
             uri = run.data.tags.get("ofb_model_uri")
             if not uri:
                 continue
             version = self._version_of(name, run.info.run_id, uri)
-            for a in (slot_aliases(self.client, name, alias, run.info.run_id, r.top1)
-                      if slot else [alias]):
+            for a in slot_aliases(self.client, name, alias, version, run.info.run_id, r.top1):
                 self.client.set_registered_model_alias(name, a, version)
                 done[a] = f"models:/{name}@{a} (version {version})"
-            if slot:
-                self.client.set_model_version_tag(name, version, "ofb_slot", slot)
         return done
 
     def _version_of(self, name: str, run_id: str, uri: str) -> str:

@@ -64,12 +64,15 @@ def apply(cfg: Config, schedule: str, slot: str) -> None:
     cfg.name = f"{schedule}-{slot}"
     os.environ.setdefault("OFB_SCHEDULE", schedule)  # for the parent run's tags
     os.environ.setdefault("OFB_SLOT", slot)
-    digest = data_digest(cfg.data)
-    os.environ["OFB_DATA_DIGEST"] = digest
     # G8: the dense cache follows the data's content (on_data_change), every slot (always), or
-    # only the config (never, the unscheduled behaviour)
-    cfg.dense_refresh = {"on_data_change": f"data:{digest}", "always": f"slot:{slot}",
-                         "never": None}[cfg.schedule.refresh_dense]
+    # only the config (never, the unscheduled behaviour); the folder is walked only for the first
+    mode = cfg.schedule.refresh_dense
+    if mode == "on_data_change":
+        digest = data_digest(cfg.data)
+        os.environ["OFB_DATA_DIGEST"] = digest
+        cfg.dense_refresh = f"data:{digest}"
+    else:
+        cfg.dense_refresh = f"slot:{slot}" if mode == "always" else None
     cfg.mlflow.experiment = cfg.mlflow.experiment or schedule
     cfg.mlflow.registered_model = cfg.mlflow.registered_model or f"{schedule}-subnet"
     if line := warm_start(cfg, schedule, slot):
@@ -116,9 +119,13 @@ def enter(cfg: Config, schedule: str, slot: str, now: datetime,
 def finish(cfg: Config, schedule: str, slot: str, status: str, exit_code: int | None,
            mlflow_run_id: str | None = None) -> None:
     ledger = Ledger(cfg.output_dir, schedule)
-    tracked = cfg.run_dir / "mlflow.json"  # written by the sweep once its parent run exists
-    if mlflow_run_id is None and tracked.is_file():
-        mlflow_run_id = json.loads(tracked.read_text()).get("parent_run_id")
+    if mlflow_run_id is None:
+        from orchestrator.report_sources import parent_of_folder
+
+        try:  # the sweep's parent run, found by its folder as the report finds it
+            mlflow_run_id = parent_of_folder(cfg.run_dir, cfg.tracking_uri)[0]
+        except Exception:  # noqa: BLE001 - MLflow unreachable: the outcome is still recorded
+            mlflow_run_id = None
     if ledger.read(slot) is not None:
         _set_last(ledger, slot, status=status, driver_exit_code=exit_code,
                   mlflow_run_id=mlflow_run_id,

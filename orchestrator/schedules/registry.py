@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.schedules.driver import schedule_tags
+
 
 def holder_top1(client: Any, name: str, alias: str) -> tuple[str | None, float | None]:
     """(run id, top-1) of the model version holding `alias`; (None, None) when none does."""
@@ -20,8 +22,15 @@ def holder_top1(client: Any, name: str, alias: str) -> tuple[str | None, float |
     return version.run_id, client.get_run(version.run_id).data.metrics.get("top1")
 
 
-def slot_aliases(client: Any, name: str, alias: str, run_id: str, top1: float) -> list[str]:
-    """The aliases a scheduled slot's subnet takes instead of the sweep's `alias`."""
+def slot_aliases(client: Any, name: str, alias: str, version: str, run_id: str,
+                 top1: float) -> list[str]:
+    """The aliases the subnet (model `version` of `run_id`) takes for the sweep's `alias`:
+    `alias` itself in an unscheduled sweep; in a scheduled slot, which also tags the version
+    with its slot, latest-/best-<budget> for best-<budget>."""
+    slot = schedule_tags().get("ofb_slot")
+    if not slot:
+        return [alias]
+    client.set_model_version_tag(name, version, "ofb_slot", slot)
     if not alias.startswith("best-"):
         return [alias]
     budget = alias.removeprefix("best-")

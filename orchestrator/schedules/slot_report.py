@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import report
+from orchestrator.report_sources import from_folder, parent_of_folder
 from orchestrator.schedules.slots import slot_time
 
 
@@ -43,7 +44,7 @@ def over_slots(output_dir: str | Path, schedule: str, last: int | None = None,
     history: dict[tuple[str, str], list[dict[str, Any]]] = {}
     rows = []
     for slot, folder in slot_folders(output_dir, schedule):
-        recs, dense = report.from_folder(folder)
+        recs, dense = from_folder(folder)
         for g in report.build(recs, dense).groups:
             key = (g["label"], g["budget"])
             earlier = history.setdefault(key, [])
@@ -106,7 +107,7 @@ def log_deltas(rows: list[dict[str, Any]], output_dir: str, schedule: str,
             f"slot_delta_mean_top1/{name}": r["delta_mean"], f"slot_flag/{name}": float(r["flag"])})
     logged = []
     for slot, metrics in per_slot.items():
-        run_id, where = report._parent_of_folder(folders[slot], uri)
+        run_id, where = parent_of_folder(folders[slot], uri)
         if run_id and where:
             log_metrics(MlflowClient(where), run_id, metrics)
             logged.append(run_id)

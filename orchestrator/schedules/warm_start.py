@@ -25,9 +25,8 @@ def fits(value: Any, d: Distribution) -> bool:
 
 def previous_front(cfg: Config, schedule: str, slot: str) -> tuple[str | None, list[dict]]:
     """(the earlier slot, the space values of its Pareto front under this sweep's objectives)."""
-    import pyarrow.parquet as pq
-
     from orchestrator.report import pareto_front
+    from orchestrator.results import read_results
     from orchestrator.schedules.slot_report import slot_folders
 
     assert cfg.sweep is not None
@@ -35,10 +34,9 @@ def previous_front(cfg: Config, schedule: str, slot: str) -> tuple[str | None, l
     if not earlier:
         return None, []
     prev, folder = earlier[-1]
-    rows = pq.read_table(folder / "results.parquet").to_pylist()
     points: list[dict] = []
-    for row in pareto_front(rows, cfg.sweep.objectives):
-        point = {k: row.get(k) for k in cfg.sweep.space}
+    for rec in pareto_front(read_results(folder / "results.parquet"), cfg.sweep.objectives):
+        point = {k: rec.hparams.get(k) for k in cfg.sweep.space}
         if all(fits(v, cfg.sweep.space[k]) for k, v in point.items()) and point not in points:
             points.append(point)
     return prev, points

@@ -14,7 +14,8 @@ import pytest
 
 from orchestrator.pareto_plot import plot_pareto
 from orchestrator.records import TrialRecord, add_hours, format_hours
-from orchestrator.report import Dense, build, dense_of_run
+from orchestrator.report import Dense, build
+from orchestrator.report_sources import dense_of_run
 
 DENSE_MACS = 1_000_000
 
