@@ -31,16 +31,60 @@ def random_patch_mask(batch: int, num_patches: int, ratio: float, device: torch.
     return mask.scatter_(1, idx, True)
 
 
+CHUNK_ELEMENTS = 1 << 17  # float64 planes per chunk: ~1 MB, cache-sized
+
+
+def _box_sums(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Sums of x over the window [i - k//2, i + k//2] along `dim`, clipped to the image, as
+    differences of one prefix sum: O(1) per pixel whatever k. (..., n, ...) -> same."""
+    r, n = k // 2, x.shape[dim]
+    if n <= 2 * r + 1:  # every window reaches an edge: the reference pooling is as cheap
+        return F.avg_pool1d(x.movedim(dim, -1).flatten(0, -2)[:, None], k, 1, r,
+                            count_include_pad=True).reshape(x.movedim(dim, -1).shape
+                                                            ).mul_(k).movedim(-1, dim)
+    cs = x.cumsum(dim)
+    out = torch.empty_like(cs)
+    part = lambda t, start, length: t.narrow(dim, start, length)  # noqa: E731
+    m = n - 2 * r - 1
+    part(out, r + 1, m).copy_(part(cs, 2 * r + 1, m) - part(cs, 0, m))  # inside
+    part(out, 0, r + 1).copy_(part(cs, r, r + 1))  # windows cut by the first edge
+    part(out, n - r, r).copy_(part(cs, n - 1, 1) - part(cs, n - 2 * r - 1, r))  # the last edge
+    return out
+
+
+def _box_counts(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """(n,) pixels inside each clipped window along one axis."""
+    i, r = torch.arange(n, device=device), k // 2
+    return ((i + r + 1).clamp_max(n) - (i - r).clamp_min(0)).double()
+
+
+@torch.no_grad()
 def local_normalize(img: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
     """(x - local mean) / local std over a k x k window, per channel, with the unbiased
     variance as published (n / (n - 1), n = the window's pixels inside the image).
-    (B, C, H, W) -> same."""
-    pool = dict(kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
-    mean = F.avg_pool2d(img, **pool)
-    var = (F.avg_pool2d(img * img, **pool) - mean * mean).clamp_min(0)
-    n = F.avg_pool2d(torch.ones_like(img[:1, :1]), kernel_size=k, stride=1, padding=k // 2,
-                     count_include_pad=True) * (k * k)  # (1, 1, H, W)
-    return (img - mean) / (var * n / (n - 1).clamp_min(1) + eps).sqrt()
+    (B, C, H, W) -> same, in img's dtype.
+
+    The published code pools with a k x k average (k = 47 at 224 pixels: 4.3 s for 32 images
+    on this machine's CPU, far more than the model's step). Box sums from prefix sums give the
+    same target in O(1) per pixel. They are taken in float64 on each plane minus its mean
+    (float32 prefix sums over 224 pixels lose digits that flat regions, divided by a near-zero
+    std, would show), a few planes at a time so the float64 work stays in cache (measured: 2x
+    faster than whole batches at 224). The target is a constant of the loss: no autograd.
+    """
+    B, C, H, W = img.shape
+    planes = img.reshape(B * C, 1, H, W)
+    per_chunk = max(1, CHUNK_ELEMENTS // (H * W))
+    n = _box_counts(H, k, img.device)[:, None] * _box_counts(W, k, img.device)  # (H, W)
+    out = torch.empty_like(planes)
+    for src, dst in zip(planes.split(per_chunk), out.split(per_chunk), strict=True):
+        x = src.double()
+        x = x - x.mean(dim=(2, 3), keepdim=True)
+        s1 = _box_sums(_box_sums(x, k, 3), k, 2)
+        s2 = _box_sums(_box_sums(x * x, k, 3), k, 2)
+        mean = s1 / n
+        var = ((s2 - s1 * mean) / (n - 1).clamp_min(1)).clamp_min(0)  # unbiased
+        dst.copy_((x - mean) / (var + eps).sqrt())
+    return out.reshape(B, C, H, W)
 
 
 def reconstruction_loss(pred: torch.Tensor, img: torch.Tensor, patch_mask: torch.Tensor,

@@ -238,3 +238,29 @@ def test_pmim_target_uses_the_unbiased_local_variance():
     corner = img[0, 0, :2, :2]  # at (0, 0) only 4 pixels are inside
     assert float(out[0, 0, 0, 0]) == pytest.approx(
         float((img[0, 0, 0, 0] - corner.mean()) / corner.std(unbiased=True)), rel=1e-9)
+
+
+def _pooled_local_normalize(img, k, eps=1e-6):
+    """The published k x k average-pool target (slow at 224 pixels), as the reference."""
+    import torch.nn.functional as F
+
+    pool = dict(kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
+    mean = F.avg_pool2d(img, **pool)
+    var = (F.avg_pool2d(img * img, **pool) - mean * mean).clamp_min(0)
+    n = F.avg_pool2d(torch.ones_like(img[:1, :1]), kernel_size=k, stride=1, padding=k // 2,
+                     count_include_pad=True) * (k * k)
+    return (img - mean) / (var * n / (n - 1).clamp_min(1) + eps).sqrt()
+
+
+@pytest.mark.parametrize("shape,k", [((2, 1, 28, 28), 5), ((1, 3, 224, 224), 47),
+                                     ((2, 2, 5, 7), 5), ((3, 1, 32, 20), 7), ((1, 1, 9, 9), 3)])
+def test_pmim_target_from_prefix_sums_equals_the_pooled_one(shape, k):
+    from search_space.ofb.pmim import local_normalize
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(shape, generator=g, dtype=torch.float64)
+    img[..., : shape[-2] // 2, :] = 0.0  # a flat region, where the std is ~0
+    ref = _pooled_local_normalize(img, k)
+    out = local_normalize(img.float(), k)
+    assert out.dtype == torch.float32 and not out.requires_grad
+    assert (out.double() - ref).abs().max() < 1e-5
