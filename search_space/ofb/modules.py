@@ -55,7 +55,10 @@ class SearchableAttention(SearchableMixin, Attention):
         cells = [(h, d) for h in heads for d in dims]
         new.register_buffer("cand_heads", torch.tensor([c[0] for c in cells]).to(dev))
         new.register_buffer("cand_dims", torch.tensor([c[1] for c in cells]).to(dev))
-        new._cells = cells
+        # the same cells as a grid (row-major: heads, then dims), for the survival products
+        new.register_buffer("cand_head_list", torch.tensor(heads).to(dev), persistent=False)
+        new.register_buffer("cand_dim_list", torch.tensor(dims).to(dev), persistent=False)
+        new._cells, new._heads, new._dims = cells, heads, dims
         new._init_search((attn.num_heads, attn.head_dim), len(cells), dev)
         return new  # self.scale (1/sqrt(dense head dim)) is kept through every slice
 
@@ -66,23 +69,30 @@ class SearchableAttention(SearchableMixin, Attention):
         cells = self._live_values(self._cells)
         return max(h for h, _ in cells), max(d for _, d in cells)
 
-    def _ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        head_score = torch.sigmoid(self.S).sum(-1)  # (H,)
-        return bimask.rank_of(head_score), bimask.rank_of(self.S)  # (H,), (H, d)
+    def _ranks(self, sig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # ranks are not differentiated: one detached sort per level
+        return bimask.rank_of(sig.detach().sum(-1)), bimask.rank_of(self.S)  # (H,), (H, d)
 
-    def _survival(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rh, rc = self._ranks()
-        keep_h = (rh[None, :] < self.cand_heads[:, None]).to(p.dtype)  # (C, H)
-        keep_d = (rc[None] < self.cand_dims[:, None, None]).to(p.dtype)  # (C, H, d)
-        V = torch.einsum("c,ch,chd->hd", p, keep_h, keep_d)  # P(heads > r_h and dims > r_c)
+    def _survival(self, p: torch.Tensor, sig: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # V[h, c] = P(heads > r_h and dims > r_c) = sum_ij P[i, j] [r_h < heads_i] [r_c < dims_j]
+        # with the cells a grid of head x dim candidates: two small products, no einsum
+        rh, rc = self._ranks(sig)
+        P = p.view(len(self._heads), len(self._dims))  # (nH, nD)
+        keep_h = (rh[:, None] < self.cand_head_list).to(p.dtype)  # (H, nH)
+        keep_d = (rc[..., None] < self.cand_dim_list).to(p.dtype)  # (H, d, nD)
+        V = (keep_d * (keep_h @ P)[:, None, :]).sum(-1)  # (H, d)
         wh, wd = self._widest()
+        if (wh, wd) == (self.num_heads, self.head_dim):
+            return V, None
         return V, (rh[:, None] < wh) & (rc < wd)
 
-    def expected_width(self) -> torch.Tensor:
+    def expected_width(self, p: torch.Tensor | None = None) -> torch.Tensor:
         """E[heads * dims]: the expected q/k/v width, for the MACs loss."""
         if self.is_finished:
             return self.S.new_full((), float(self.attn_dim)).detach()  # a fill: no host copy
-        return (self.probs() * (self.cand_heads * self.cand_dims).to(self.S.dtype)).sum()
+        p = self.probs() if p is None else p
+        return p @ (self.cand_heads * self.cand_dims).to(self.S.dtype)
 
     def _slice_units(self, optimizer) -> None:
         wh, wd = self._widest()

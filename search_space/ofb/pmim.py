@@ -12,6 +12,8 @@ and round to the nearest odd number >= 3 (5 at 28x28, 7 at 32x32).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -38,24 +40,18 @@ def _box_sums(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     """Sums of x over the window [i - k//2, i + k//2] along `dim`, clipped to the image, as
     differences of one prefix sum: O(1) per pixel whatever k. (..., n, ...) -> same."""
     r, n = k // 2, x.shape[dim]
-    if n <= 2 * r + 1:  # every window reaches an edge: the reference pooling is as cheap
-        return F.avg_pool1d(x.movedim(dim, -1).flatten(0, -2)[:, None], k, 1, r,
-                            count_include_pad=True).reshape(x.movedim(dim, -1).shape
-                                                            ).mul_(k).movedim(-1, dim)
-    cs = x.cumsum(dim)
-    out = torch.empty_like(cs)
-    part = lambda t, start, length: t.narrow(dim, start, length)  # noqa: E731
-    m = n - 2 * r - 1
-    part(out, r + 1, m).copy_(part(cs, 2 * r + 1, m) - part(cs, 0, m))  # inside
-    part(out, 0, r + 1).copy_(part(cs, r, r + 1))  # windows cut by the first edge
-    part(out, n - r, r).copy_(part(cs, n - 1, 1) - part(cs, n - 2 * r - 1, r))  # the last edge
-    return out
+    pad = [0, 0] * (x.dim() - 1 - dim) + [r + 1, r]  # zeros outside the image
+    cs = F.pad(x, pad).cumsum(dim)  # cs[j] = sum of the padded row up to j
+    return cs.narrow(dim, 2 * r + 1, n) - cs.narrow(dim, 0, n)
 
 
-def _box_counts(n: int, k: int, device: torch.device) -> torch.Tensor:
-    """(n,) pixels inside each clipped window along one axis."""
-    i, r = torch.arange(n, device=device), k // 2
-    return ((i + r + 1).clamp_max(n) - (i - r).clamp_min(0)).double()
+@functools.lru_cache(maxsize=16)
+def _window_pixels(h: int, w: int, k: int, device: torch.device) -> torch.Tensor:
+    """(h, w) pixels inside each clipped k x k window (a constant: built once per shape)."""
+    def per_axis(n: int) -> torch.Tensor:
+        i, r = torch.arange(n, device=device), k // 2
+        return ((i + r + 1).clamp_max(n) - (i - r).clamp_min(0)).double()
+    return per_axis(h)[:, None] * per_axis(w)
 
 
 @torch.no_grad()
@@ -74,7 +70,7 @@ def local_normalize(img: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tenso
     B, C, H, W = img.shape
     planes = img.reshape(B * C, 1, H, W)
     per_chunk = max(1, CHUNK_ELEMENTS // (H * W))
-    n = _box_counts(H, k, img.device)[:, None] * _box_counts(W, k, img.device)  # (H, W)
+    n = _window_pixels(H, W, k, img.device)  # (H, W)
     out = torch.empty_like(planes)
     for src, dst in zip(planes.split(per_chunk), out.split(per_chunk), strict=True):
         x = src.double()
@@ -89,14 +85,20 @@ def local_normalize(img: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tenso
 
 def reconstruction_loss(pred: torch.Tensor, img: torch.Tensor, patch_mask: torch.Tensor,
                         patch_size: int) -> torch.Tensor:
-    """L1 between pred and the locally normalised image, on masked pixels only."""
-    B, C, H, W = img.shape
-    g = H // patch_size
-    pix = patch_mask.reshape(B, 1, g, g).to(img.dtype)
-    pix = pix.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)  # (B, 1, H, W)
-    target = local_normalize(img.float(), window_size(H))
-    err = (pred.float() - target).abs() * pix
-    return err.sum() / (pix.sum() * C).clamp_min(1.0)
+    """L1 between the decoder's output and the locally normalised image, on masked pixels only.
+
+    pred: (B, N, p*p*C), the decoder's tokens before PixelShuffle; img: (B, C, H, W);
+    patch_mask: (B, N) bool. The published loss compares images after PixelShuffle; comparing
+    tokens with the pixel-unshuffled target is the same sum over the same pixels, without
+    building full-resolution masks and errors (what made PMIM's loss costly at 224 pixels).
+    """
+    B, N, _ = pred.shape
+    target = F.pixel_unshuffle(local_normalize(img.float(), window_size(img.shape[-1])),
+                               patch_size)  # (B, C*p*p, g, g)
+    target = target.flatten(2).transpose(1, 2)  # (B, N, C*p*p): PixelShuffle's channel order
+    w = patch_mask.to(pred.dtype)  # (B, N)
+    err = ((pred.float() - target).abs().sum(-1) * w).sum()
+    return err / (w.sum() * pred.shape[-1]).clamp_min(1.0)
 
 
 def weighted(l_cls: torch.Tensor, l_rec: torch.Tensor) -> torch.Tensor:

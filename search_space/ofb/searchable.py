@@ -35,6 +35,9 @@ class SearchableMixin:
     # The embedding mask m_e for a module whose output joins the residual stream; set by
     # SearchableViT for the duration of one forward.
     stream_mask: torch.Tensor | None = None
+    # (p, sigmoid(S)) computed once for the whole step by SearchableViT (its `step_terms`), so
+    # that the mask, the MACs loss and the search loss share them; set for one forward.
+    step: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _init_search(self, S_shape: tuple[int, ...], n_candidates: int,
                      device: torch.device | None) -> None:
@@ -82,8 +85,9 @@ class SearchableMixin:
         """Current per-unit multiplier (shape of S)."""
         if self.is_finished:  # a view: a plain tensor (callers may store it), gradients flow
             return self.channel_scale.view(self.channel_scale.shape)
-        V, alive = self._survival(self.probs())
-        return bimask.unit_mask(self.S, V, self.lam, alive)
+        p, sig = self.step if self.step is not None else (self.probs(), torch.sigmoid(self.S))
+        V, alive = self._survival(p, sig)
+        return bimask.unit_mask(self.S, V, self.lam, alive, sig)
 
     def search_loss(self, one_hot_weight: float = 1.0) -> torch.Tensor:
         """w_type * [one-hot loss + c_type * sum sigmoid(S)]; 0 once finished.
@@ -141,8 +145,10 @@ class SearchableMixin:
         self.channel_scale.requires_grad_(done and not self.freeze_finished)
 
     # --- what subclasses define ----------------------------------------------------------
-    def _survival(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V, alive) in the shape of S."""
+    def _survival(self, p: torch.Tensor, sig: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(V, alive) in the shape of S, from p and sigmoid(S); alive None when the module is
+        sliced to its widest live candidate (every unit kept by one, as after elimination)."""
         raise NotImplementedError
 
     def _widest(self) -> tuple[int, ...]:
@@ -151,7 +157,8 @@ class SearchableMixin:
     def _slice_units(self, optimizer: torch.optim.Optimizer | None) -> None:
         raise NotImplementedError
 
-    def expected_width(self) -> torch.Tensor:
+    def expected_width(self, p: torch.Tensor | None = None) -> torch.Tensor:
+        """E[units] under p (default: `probs()`), for the MACs loss."""
         raise NotImplementedError
 
     def candidate_widths(self) -> list[int]:
@@ -190,15 +197,18 @@ class VectorUnits(SearchableMixin):
     def _widest(self) -> tuple[int]:
         return (max(self._live_values(self._widths)),)
 
-    def _survival(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _survival(self, p: torch.Tensor, sig: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         W = bimask.survival(p, self.cand_widths, self.n_units())  # (n,)
         r = bimask.rank_of(self.S)
-        return W[r], r < self._widest()[0]
+        widest = self._widest()[0]
+        return W[r], None if widest == self.n_units() else r < widest
 
-    def expected_width(self) -> torch.Tensor:
+    def expected_width(self, p: torch.Tensor | None = None) -> torch.Tensor:
         if self.is_finished:
             return self.S.new_full((), float(self.n_units())).detach()  # a fill: no host copy
-        return (self.probs() * self.cand_widths.to(self.S.dtype)).sum()
+        p = self.probs() if p is None else p
+        return p @ self.cand_widths.to(self.S.dtype)
 
 
 def topk_units(S: torch.Tensor, k: int) -> torch.Tensor:

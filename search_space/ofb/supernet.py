@@ -29,6 +29,7 @@ from torch import nn
 from search_space import groups
 from search_space.arch import BlockArch, ViTArch
 from search_space.cost import attn_macs, mlp_macs, stem_head_macs
+from search_space.ofb import bimask
 from search_space.ofb.modules import SearchableAttention, SearchableMlp
 from search_space.ofb.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
 from search_space.slicing import along, slice_param_
@@ -124,6 +125,54 @@ class SearchableViT(nn.Module):
     def decoder_params(self) -> list[nn.Parameter]:
         return [self.mask_token, *self.decoder.parameters()]
 
+    # --- one step's terms ----------------------------------------------------------------------
+    def step_terms(self) -> dict[SearchableMixin, tuple[torch.Tensor, torch.Tensor]]:
+        """(p, sigmoid(S)) of every unfinished module, computed once per step: the forward's
+        masks, the MACs loss and the search loss share them (each was computed up to three
+        times a step, and a step's cost on small models is its count of small ops)."""
+        return {m: (m.probs(), torch.sigmoid(m.S)) for m in self.searchable()
+                if not m.is_finished}
+
+    def pop_terms(self) -> dict[SearchableMixin, tuple[torch.Tensor, torch.Tensor]] | None:
+        """The terms of the last training forward (once: they hold its graph), else None."""
+        terms, self._last_terms = getattr(self, "_last_terms", None), None
+        return terms
+
+    def search_loss(self, one_hot_weight: Any = 1.0,
+                    terms: dict[SearchableMixin, tuple[torch.Tensor, torch.Tensor]] | None = None
+                    ) -> torch.Tensor:
+        """sum_m w_m [one_hot_weight * one-hot(p_m) + c_m sum sigmoid(S_m)] over unfinished
+        modules (each module's `search_loss`, summed), the one-hot terms batched."""
+        terms = self.step_terms() if terms is None else terms
+        if not terms:
+            return self.mask_token.sum() * 0.0
+        mods = list(terms)
+        l1 = sum(m.loss_weight * m.l1_coef * sig.sum() for m, (_, sig) in terms.items())
+        deciding = [m for m in mods if m.n_live() > 1]
+        if not deciding:
+            return l1
+        keep, seg, n, w = self._one_hot_layout(deciding)
+        p = torch.cat([terms[m][0] for m in deciding])  # (sum C_m,)
+        if any(m.temperature != 1.0 for m in deciding):  # the one-hot loss's own softmax
+            p = torch.cat([m.one_hot_probs() for m in deciding])
+        oh = bimask.one_hot_losses(p, keep, seg, n)  # (M,)
+        return l1 + (oh * w).sum() * one_hot_weight
+
+    def _one_hot_layout(self, mods: list[SearchableMixin]):
+        """Device constants of the batched one-hot loss, rebuilt only when a live set changes
+        (an upload then, none per step)."""
+        key = tuple((id(m), tuple(m._host_live)) for m in mods)
+        cached = getattr(self, "_layout", None)
+        if cached is None or cached[0] != key:
+            # built from device tensors (fills and reductions): no host -> device copy
+            keep = torch.cat([m.live for m in mods])
+            seg = torch.cat([m.live.new_full(m.live.shape, i, dtype=torch.long)
+                             for i, m in enumerate(mods)])
+            n = torch.stack([m.live.sum() for m in mods])
+            w = torch.stack([m.alpha.new_full((), m.loss_weight) for m in mods])
+            self._layout = cached = (key, (keep, seg, n, w))
+        return cached[1]
+
     # --- costs -------------------------------------------------------------------------------
     def current_arch(self) -> ViTArch:
         """The physical architecture now (the widest survivors)."""
@@ -133,9 +182,12 @@ class SearchableViT(nn.Module):
         return ViTArch(**{**self.dense_arch.to_dict(), "embed_dim": v.patch_embed.proj.out_channels,
                           "blocks": blocks})
 
-    def expected_macs(self) -> torch.Tensor:
-        """F(alpha): analytic MACs at the expected widths (differentiable in alpha)."""
-        return self.macs_at(lambda m: m.expected_width())
+    def expected_macs(self, terms: dict[SearchableMixin, tuple[torch.Tensor, torch.Tensor]]
+                      | None = None) -> torch.Tensor:
+        """F(alpha): analytic MACs at the expected widths (differentiable in alpha); `terms`:
+        this step's (`pop_terms`)."""
+        terms = terms or {}
+        return self.macs_at(lambda m: m.expected_width(terms[m][0] if m in terms else None))
 
     def macs_at(self, width: Callable[[SearchableMixin], Any]) -> Any:
         """Analytic MACs with `width(module)` units in each searchable module (attention:
@@ -154,8 +206,21 @@ class SearchableViT(nn.Module):
         """x: (B, C, H, W) -> logits (B, classes).
 
         With `patch_mask` ((B, N) bool, True = replaced by the mask token) returns
-        (logits, reconstruction (B, C, H, W)) for PMIM, all inside one forward (DDP-friendly).
+        (logits, the decoder's tokens (B, N, p*p*C)) for PMIM, all inside one forward
+        (DDP-friendly); `to_image` turns those tokens into the reconstructed image.
         """
+        terms = self.step_terms()
+        for m, t in terms.items():
+            m.step = t
+        if torch.is_grad_enabled() and self.training:
+            self._last_terms = terms
+        try:
+            return self._forward(x, patch_mask)
+        finally:
+            for m in terms:
+                m.step = None
+
+    def _forward(self, x: torch.Tensor, patch_mask: torch.Tensor | None):
         v = self.vit
         m_e = v.patch_embed.mask()  # (D,): folded into weights, never into activations
         pe = v.patch_embed
@@ -182,14 +247,13 @@ class SearchableViT(nn.Module):
         logits = v.forward_head(x)
         if patch_mask is None:
             return logits
-        return logits, self.reconstruct(x[:, v.num_prefix_tokens:])
+        return logits, self.decoder(x[:, v.num_prefix_tokens:])  # (B, N, p*p*C)
 
-    def reconstruct(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """PMIM decoder: (B, N, D) -> (B, C, H, W)."""
-        B, N, _ = patch_tokens.shape
+    def to_image(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's tokens as the reconstructed image: (B, N, p*p*C) -> (B, C, H, W)."""
+        B, N, _ = z.shape
         g = int(N**0.5)
-        z = self.decoder(patch_tokens)  # (B, N, p*p*C)
-        return self.shuffle(z.transpose(1, 2).reshape(B, -1, g, g))  # (B, C, H, W)
+        return self.shuffle(z.transpose(1, 2).reshape(B, -1, g, g))
 
     def freeze_decoder(self) -> None:
         for p in self.decoder_params():

@@ -124,3 +124,20 @@ def test_one_hot_gradient_equals_the_published_formula(spread):
     if r > RATIO_EPS:  # inside the guard both are the same function
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
         assert grads[0].abs().sum() > 0
+
+
+def test_batched_one_hot_losses_equal_the_per_module_loss():
+    from search_space.ofb.bimask import one_hot_losses
+
+    g = torch.Generator().manual_seed(0)
+    ps, lives = [], []
+    for c, dead in [(5, [1]), (3, []), (8, [0, 6, 7])]:
+        live = torch.ones(c, dtype=torch.bool)
+        live[dead] = False
+        ps.append(probs(torch.randn(c, generator=g, requires_grad=True), live))
+        lives.append(live)
+    seg = torch.cat([torch.full((len(p),), i) for i, p in enumerate(ps)])
+    n = torch.stack([lv.sum() for lv in lives])
+    got = one_hot_losses(torch.cat(ps), torch.cat(lives), seg, n)
+    want = torch.stack([one_hot_loss(p, lv) for p, lv in zip(ps, lives, strict=True)])
+    assert torch.allclose(got, want, atol=1e-6)

@@ -60,7 +60,7 @@ def test_wrapping_keeps_weights_and_every_search_param_learns():
     mask = torch.zeros(3, 16, dtype=torch.bool)
     mask[:, :4] = True
     logits, recon = sn(x, mask)
-    assert recon.shape == x.shape
+    assert sn.to_image(recon).shape == x.shape
     (logits.sum() + recon.mean() + sum(m.search_loss() for m in sn.searchable())
      + sn.expected_macs() / 1e6).backward()
     for name, p in sn.named_parameters():
@@ -264,3 +264,38 @@ def test_pmim_target_from_prefix_sums_equals_the_pooled_one(shape, k):
     out = local_normalize(img.float(), k)
     assert out.dtype == torch.float32 and not out.requires_grad
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_pmim_loss_on_tokens_equals_the_published_loss_on_images():
+    """The token-space L1 sums the same masked pixels as the published image-space L1."""
+    from search_space.ofb.pmim import local_normalize, reconstruction_loss, window_size
+
+    vit = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3,
+                    num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    sn = SearchableViT(vit).train()
+    x = torch.randn(3, 3, 32, 32)
+    mask = torch.rand(3, 16, generator=torch.Generator().manual_seed(1)) < 0.4
+    _, z = sn(x, mask)
+    img = sn.to_image(z)  # (B, C, H, W)
+    pix = mask.reshape(3, 1, 4, 4).float().repeat_interleave(8, 2).repeat_interleave(8, 3)
+    err = (img - local_normalize(x, window_size(32))).abs() * pix
+    published = err.sum() / (pix.sum() * 3)
+    assert torch.allclose(reconstruction_loss(z, x, mask, 8), published, rtol=1e-5)
+
+
+def test_the_step_terms_give_the_per_module_losses_and_macs():
+    """One (p, sigmoid(S)) per module and step, shared by the forward, the batched search loss
+    and the MACs loss: the same values as each module computing its own."""
+    vit = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3,
+                    num_classes=10, embed_dim=32, depth=2, num_heads=4)
+    sn = SearchableViT(vit).train()
+    sn.set_schedule(0.5, 1.0)
+    mods = sn.searchable()
+    mods[1].eliminate(0.9)  # modules at different live counts, one of them sliced
+    mods[2].finish()
+    sn(torch.randn(2, 3, 32, 32))
+    terms = sn.pop_terms()
+    assert sn.pop_terms() is None and len(terms) == len(mods) - 1
+    want = sum(m.search_loss(0.7) for m in mods)
+    assert torch.allclose(sn.search_loss(0.7, terms), want, atol=1e-6)
+    assert torch.allclose(sn.expected_macs(terms), sn.expected_macs())

@@ -167,12 +167,13 @@ class OFB(SearchMethod):
     def losses(self, model, images, targets, logits, aux, step) -> dict[str, torch.Tensor]:
         ce = self.task_loss(logits, targets)
         sn: SearchableViT = unwrap(model)
+        terms = sn.pop_terms()  # this step's p and sigmoid(S), shared with its forward
         if sn.is_finished:
             return {"ce": ce}
         tol = self.opts.macs_tolerance
         # with the one-sided band [target - tol, target] the MACs loss aims at its middle
         aim = self.target_macs - (tol or 0.0) / 2 * self.dense_macs
-        rel = (sn.expected_macs() - aim) / self.dense_macs
+        rel = (sn.expected_macs(terms) - aim) / self.dense_macs
         on_budget = 1.0
         if tol is not None:  # outside the band the MACs weight grows, inside it relaxes
             # kept on the device (0-d tensors): deciding on the host would stall every step
@@ -183,7 +184,7 @@ class OFB(SearchMethod):
             self.macs_weight = torch.where(on, torch.clamp(w / 1.01, min=w0),
                                            torch.clamp(w * 1.01, max=w0 * 1000))
             on_budget = on.to(rel.dtype)
-        search = sum(m.search_loss(on_budget) for m in sn.searchable())
+        search = sn.search_loss(on_budget, terms)
         out = {"ce": ce, "search": search, "macs": self.macs_weight * rel**2}
         if aux is not None:
             patch_mask, recon = aux
