@@ -46,6 +46,9 @@ class PhaseCost:
     worker_seconds: float
     driver_seconds: float
     eval_seconds: float = 0.0  # the worker loops' evaluation, not in `worker_seconds`
+    # True when search and fine-tune ran in one Train run (orchestrator/trial_run.py): then
+    # `driver_seconds` is that whole run's, the same figure in both phases
+    shared_run: bool = False
 
     @property
     def device_hours(self) -> float:
@@ -189,7 +192,7 @@ def run_pretrain(cfg: Config) -> PretrainResult:
     return out
 
 
-def _finished(out: Path, key: str, phase: str) -> dict[str, Any] | None:
+def finished_phase(out: Path, key: str, phase: str) -> dict[str, Any] | None:
     """The saved result of a phase run with the same settings, else None (it runs again)."""
     f = out / "result.json"
     if not f.exists():
@@ -217,7 +220,7 @@ def run_search(cfg: Config, dense: PretrainResult, callbacks: list | None = None
     `callbacks` go to the Train run (a sweep passes Tune's TuneReportCallback, so every search
     epoch reaches Tune's scheduler)."""
     out, key = cfg.run_dir / "search", cfg.search_key()
-    if (blob := _finished(out, key, "search")) is not None:
+    if (blob := finished_phase(out, key, "search")) is not None:
         return SearchResult(out / SUBNET_DIR, blob["final"], blob["history"],
                             PhaseCost(**blob["cost"]))
     name = f"search-{key}"
@@ -229,16 +232,23 @@ def run_search(cfg: Config, dense: PretrainResult, callbacks: list | None = None
                              name, cfg.run_dir / "ray", callbacks)
     kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
-        blob = json.loads((Path(d) / "state.json").read_text())
-        cost = PhaseCost(kind, devices, blob["final"]["elapsed_s"], wall,
-                         blob["final"].get("eval_s", 0.0))
-        blob.update(cost=asdict(cost), key=key)
+        return store_search(cfg, Path(d), PhaseCost(kind, devices, 0.0, wall))
 
-        def fill(tmp: Path) -> None:
-            shutil.copytree(Path(d) / SUBNET_DIR, tmp / SUBNET_DIR)
-            (tmp / "result.json").write_text(json.dumps(blob, indent=2))
 
-        _write_atomic(out, fill)
+def store_search(cfg: Config, d: Path, cost: PhaseCost) -> SearchResult:
+    """Copy a finished search out of Train checkpoint folder `d` into `<run_dir>/search/`;
+    `cost` gets the worker-side seconds from the search's state."""
+    blob = json.loads((d / "state.json").read_text())
+    cost.worker_seconds = blob["final"]["elapsed_s"]
+    cost.eval_seconds = blob["final"].get("eval_s", 0.0)
+    blob.update(cost=asdict(cost), key=cfg.search_key())
+    out = cfg.run_dir / "search"
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(d / SUBNET_DIR, tmp / SUBNET_DIR)
+        (tmp / "result.json").write_text(json.dumps(blob, indent=2))
+
+    _write_atomic(out, fill)
     return SearchResult(out / SUBNET_DIR, blob["final"], blob["history"], cost)
 
 
@@ -265,7 +275,7 @@ def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
     in `<run_dir>/finetune/`."""
     cfg = equal_training(cfg)
     out, key = cfg.run_dir / "finetune", cfg.finetune_key()
-    if (blob := _finished(out, key, "finetune")) is not None:
+    if (blob := finished_phase(out, key, "finetune")) is not None:
         return FinetuneResult(out, blob["metrics"], PhaseCost(**blob["cost"]),
                               blob.get("history", []))
     extra = "" if get_method(cfg.search.method).trains_weights else (
@@ -276,17 +286,25 @@ def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
                              f"finetune-{key}", cfg.run_dir / "ray")
     kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / "state.json").read_text())
-        cost = PhaseCost(kind, devices, state["elapsed_s"], wall, state.get("eval_s", 0.0))
-        blob = {"metrics": state["metrics"], "history": state.get("history", []),
-                "cost": asdict(cost), "key": key}
+        return store_finetune(cfg, Path(d), subnet, PhaseCost(kind, devices, 0.0, wall))
 
-        def fill(tmp: Path) -> None:
-            shutil.copy2(Path(d) / "model.safetensors", tmp / "model.safetensors")
-            shutil.copy2(subnet / "arch.json", tmp / "arch.json")
-            (tmp / "result.json").write_text(json.dumps(blob, indent=2))
 
-        _write_atomic(out, fill)
+def store_finetune(cfg: Config, d: Path, subnet: Path, cost: PhaseCost) -> FinetuneResult:
+    """Copy a finished fine-tune (Train checkpoint folder `d`, the subnet it started from)
+    into `<run_dir>/finetune/`; `cost` gets the worker-side seconds from its state. `cfg` is
+    the one the fine-tune ran with (`equal_training` applied)."""
+    state = json.loads((d / "state.json").read_text())
+    cost.worker_seconds, cost.eval_seconds = state["elapsed_s"], state.get("eval_s", 0.0)
+    blob = {"metrics": state["metrics"], "history": state.get("history", []),
+            "cost": asdict(cost), "key": cfg.finetune_key()}
+    out = cfg.run_dir / "finetune"
+
+    def fill(tmp: Path) -> None:
+        shutil.copy2(d / "model.safetensors", tmp / "model.safetensors")
+        shutil.copy2(subnet / "arch.json", tmp / "arch.json")
+        (tmp / "result.json").write_text(json.dumps(blob, indent=2))
+
+    _write_atomic(out, fill)
     return FinetuneResult(out, blob["metrics"], cost, blob["history"])
 
 

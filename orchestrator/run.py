@@ -157,8 +157,9 @@ def _run(cfg: Config) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
-    from orchestrator.phases import run_finetune, run_pretrain, run_search, trial_result
+    from orchestrator.phases import run_pretrain, trial_result
     from orchestrator.ray_setup import start_ray
+    from orchestrator.trial_run import run_trial
 
     resources = start_ray(cfg.ray.address, cfg.ray.health_check_interval_s)
     print(f"[run] Ray resources: {resources.get('CPU', 0):g} CPU, "
@@ -169,8 +170,7 @@ def _run(cfg: Config) -> int:
         return _sweep(cfg, dense, resources, summary)
     if cfg.pipeline == "search":
         t0 = time.perf_counter()
-        search = run_search(cfg, dense)
-        tuned = run_finetune(cfg, search.subnet)
+        search, tuned = run_trial(cfg, dense)
         if cfg.mlflow.enabled:
             from orchestrator.tracking import track_single
 

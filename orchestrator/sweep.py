@@ -26,17 +26,12 @@ from ray import tune
 
 from orchestrator import report
 from orchestrator.config import ClusterShape, Config
-from orchestrator.phases import (
-    PretrainResult,
-    load_cached,
-    run_finetune,
-    run_search,
-    trial_result,
-)
+from orchestrator.phases import PretrainResult, load_cached, trial_result
 from orchestrator.records import OBJECTIVE_TOP1, TrialRecord
 from orchestrator.results import ResultsCallback, write_results
 from orchestrator.sweep_space import to_optuna
 from orchestrator.tracking import Tracker, TrackingCallback
+from orchestrator.trial_run import run_trial
 
 # The trial driver only waits on its Train runs. It asks for memory and no CPU: any CPU share
 # (even 0.01) on top of 2 workers x 1 CPU never fits a 2-core machine, and {"CPU": 0} raises.
@@ -66,8 +61,7 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], dense_dir: str,
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks = [TuneReportCallback()]  # every search epoch reaches the scheduler
-    search = run_search(cfg, dense, callbacks)
-    tuned = run_finetune(cfg, search.subnet)
+    search, tuned = run_trial(cfg, dense, callbacks)
     tune.report(trial_result(cfg, search, tuned, time.perf_counter() - t0).tune_report())
 
 

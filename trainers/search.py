@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from search_space.arch import ViTArch
 from search_space.cost import cost_of
 from search_space.models import unwrap
-from search_space.subnet import export_subnet
+from search_space.subnet import export_subnet, load_subnet
 from trainers import worker
 from trainers.checkpoint import (
     MODEL_FILE,
@@ -36,9 +37,9 @@ from trainers.data import build_splits, make_loader
 from trainers.loop import all_reduce_sums, train_one_epoch, warmup_cosine
 from trainers.methods import get_method
 from trainers.model_factory import build_dense
-from trainers.supervised import EvalClock, progress_printer
+from trainers.supervised import EvalClock, progress_printer, train_supervised
 
-SUBNET_DIR = "subnet"
+SUBNET_DIR, FINETUNE_DIR = "subnet", "finetune"
 
 
 def _restore(ckpt_dir: Path, method, model, optimizer_fn) -> tuple[Any, Any, dict]:
@@ -53,7 +54,8 @@ def _restore(ckpt_dir: Path, method, model, optimizer_fn) -> tuple[Any, Any, dic
 
 
 def search_loop(config: dict[str, Any]) -> None:
-    """Worker entry point. `config`: {"train": TrainConfig dict, "dense": dense weights file}."""
+    """Worker entry point. `config`: {"train": TrainConfig dict, "dense": dense weights file,
+    "finetune": true to fine-tune the subnet in the same run (one worker group per trial)}."""
     cfg = TrainConfig.model_validate(config["train"])
     sc = cfg.search
     env = worker.setup_worker(cfg.scaling, cfg.seed)
@@ -85,6 +87,8 @@ def search_loop(config: dict[str, Any]) -> None:
     evals = EvalClock()
     with worker.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None and (ckpt_dir / SUBNET_DIR).is_dir():  # already extracted
+            if config.get("finetune"):
+                return _finetune(cfg, env, splits, _local_copy(ckpt_dir), ckpt_dir)
             final = json.loads((ckpt_dir / STATE_FILE).read_text())["final"]
             worker.report(env, final, lambda d, src=ckpt_dir: shutil.copytree(
                 src, d, dirs_exist_ok=True))
@@ -169,6 +173,32 @@ def search_loop(config: dict[str, Any]) -> None:
         (d / STATE_FILE).write_text(json.dumps({"final": final, "history": history}))
 
     worker.report(env, final, write)
+    if config.get("finetune"):
+        local = Path(tempfile.mkdtemp(prefix="search-"))  # every rank: its fine-tune's start
+        write(local)
+        _finetune(cfg, env, splits, local, None)
+
+
+def _local_copy(ckpt_dir: Path) -> Path:
+    """The search's result (subnet + state) out of a checkpoint folder that Ray may delete."""
+    local = Path(tempfile.mkdtemp(prefix="search-"))
+    shutil.copytree(ckpt_dir / SUBNET_DIR, local / SUBNET_DIR)
+    shutil.copy2(ckpt_dir / STATE_FILE, local / STATE_FILE)
+    return local
+
+
+def _finetune(cfg: TrainConfig, env: worker.WorkerEnv, splits: Any, search_dir: Path,
+              ckpt_dir: Path | None) -> None:
+    """The fine-tune of the exported subnet, in the search's worker group and with its data:
+    no second worker-group start-up and data load per trial. Every checkpoint keeps the
+    search's result beside the fine-tune's own files (`finetune/`), so a restart at any point
+    finds both, and the driver reads both from the run's last checkpoint."""
+    def keep(d: Path) -> None:
+        shutil.copytree(search_dir / SUBNET_DIR, d / SUBNET_DIR, dirs_exist_ok=True)
+        shutil.copy2(search_dir / STATE_FILE, d / STATE_FILE)
+
+    train_supervised(cfg, env, splits, load_subnet(search_dir / SUBNET_DIR), cfg.finetune,
+                     "finetune", ckpt_dir, subdir=FINETUNE_DIR, keep=keep)
 
 
 # per-method progress keys shown when a method reports them (OFB, UVC, SPViT)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,19 @@ def supervised_loop(config: dict[str, Any]) -> None:
         model, rc = build_dense(cfg), cfg.pretrain
     else:
         model, rc = load_subnet(config["init"]), cfg.finetune
-    arch = ViTArch.from_timm(model).to_dict()
+    with worker.latest_checkpoint() as ckpt_dir:
+        train_supervised(cfg, env, splits, model, rc, phase, ckpt_dir)
 
+
+def train_supervised(cfg: TrainConfig, env: worker.WorkerEnv, splits: Any, model: torch.nn.Module,
+                     rc: Any, phase: str, ckpt_dir: Path | None, subdir: str = "",
+                     keep: Callable[[Path], None] | None = None) -> None:
+    """Epochs of supervised training with a checkpoint each, resumed from `ckpt_dir`.
+
+    `subdir`: where this phase's files go inside each checkpoint folder, and `keep(folder)`
+    writes what else every checkpoint must carry (a trial run's fine-tune keeps the search's
+    subnet and result beside its own state, as the only retained checkpoints are the latest)."""
+    arch = ViTArch.from_timm(model).to_dict()
     per_worker_batch = max(1, cfg.data.batch_size // env.world_size)
     train_loader = make_loader(splits.train, per_worker_batch, shuffle=True, seed=cfg.seed,
                                drop_last=True, **worker.loader_options(cfg, env.device))
@@ -109,12 +121,12 @@ def supervised_loop(config: dict[str, Any]) -> None:
 
     start_epoch, elapsed, resumed_from, history = 0, 0.0, -1, []
     evals = EvalClock()
-    with worker.latest_checkpoint() as ckpt_dir:
-        if ckpt_dir is not None:
-            state = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
-            start_epoch, elapsed = state["epoch"] + 1, state["elapsed_s"]
-            evals = EvalClock(state.get("eval_s", 0.0))
-            resumed_from, history = state["epoch"], state.get("history", [])
+    own = ckpt_dir / subdir if ckpt_dir is not None else None
+    if own is not None and (own / "state.json").exists():
+        state = load_checkpoint(own, model, optimizer, scheduler)
+        start_epoch, elapsed = state["epoch"] + 1, state["elapsed_s"]
+        evals = EvalClock(state.get("eval_s", 0.0))
+        resumed_from, history = state["epoch"], state.get("history", [])
     model = worker.prepare_model(model)
     if resumed_from >= 0 and env.is_main:
         print(f"[{phase}] resumed after epoch {resumed_from + 1}/{n_epochs}", flush=True)
@@ -150,8 +162,10 @@ def supervised_loop(config: dict[str, Any]) -> None:
                  "history": history}
 
         def write(d: Path, state=state) -> None:
-            save_checkpoint(d, unwrap(model), state, optimizer, scheduler, arch=arch)
-            (d / "metrics.json").write_text(json.dumps(state["metrics"]))
+            if keep is not None:
+                keep(d)
+            save_checkpoint(d / subdir, unwrap(model), state, optimizer, scheduler, arch=arch)
+            (d / subdir / "metrics.json").write_text(json.dumps(state["metrics"]))
 
         worker.report(env, metrics, write)
         if env.is_main:

@@ -24,9 +24,11 @@ def kill_one_train_worker() -> int:
 
 
 def run_and_kill_after_checkpoint(fn: Callable[[], Any], run_dir: Path,
-                                  wait_s: float = 300, join_s: float = 900) -> Any:
-    """Run `fn` in a thread; SIGKILL one Train worker after the first checkpoint in `run_dir`
-    appears; return `fn`'s result (its exception is re-raised here)."""
+                                  wait_s: float = 300, join_s: float = 900,
+                                  pattern: str = "checkpoint_*/state.json") -> Any:
+    """Run `fn` in a thread; SIGKILL one Train worker once a file matching `pattern` (default:
+    the first checkpoint) appears in `run_dir`; return `fn`'s result (its exception is
+    re-raised here)."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -38,9 +40,9 @@ def run_and_kill_after_checkpoint(fn: Callable[[], Any], run_dir: Path,
     th = threading.Thread(target=target)
     th.start()
     deadline = time.time() + wait_s
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.json")):
+    while time.time() < deadline and not list(run_dir.glob(pattern)):
         time.sleep(0.1)
-    assert list(run_dir.glob("checkpoint_*/state.json")), f"no checkpoint within {wait_s} s"
+    assert list(run_dir.glob(pattern)), f"no {pattern} within {wait_s} s"
     time.sleep(0.5)  # let Ray register the checkpoint it just wrote
     kill_one_train_worker()
     th.join(timeout=join_s)

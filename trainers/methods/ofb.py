@@ -65,7 +65,8 @@ class OFBOptions(Section):
     # ours, not published: recorded with a trial that changes them from these values
     ADDITIONS: ClassVar[dict[str, Any]] = {
         "alpha_lr": None, "defer_elimination": False, "macs_tolerance": None, "temperature": 1.0,
-        "embed_mask_on_branches": False, "freeze_finished": False, "cap_within_budget": False}
+        "embed_mask_on_branches": False, "freeze_finished": False, "cap_within_budget": False,
+        "width_multiple": 1}
 
     ramp_epochs: float = Field(1, ge=0, description="lambda 0.99 -> 0.1 and PMIM mask-ratio "
                                "ramp (published: 20 of 100 epochs)")
