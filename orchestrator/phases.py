@@ -225,14 +225,21 @@ def run_search(cfg: Config, dense: PretrainResult, callbacks: list | None = None
                             PhaseCost(**blob["cost"]))
     name = f"search-{key}"
     print(f"[search] {cfg.search.method} on {cfg.scaling.num_workers} worker(s), target "
-          f"{cfg.search.target_gmacs or cfg.search.budget} "
-          f"{'GMACs' if cfg.search.target_gmacs else 'x dense MACs'} (run {name})", flush=True)
+          f"{target_text(cfg)} (run {name})", flush=True)
     result, wall = fit_phase(cfg, search_loop, {"train": cfg.worker_dict(),
                                                 "dense": str(dense.path / "model.safetensors")},
                              name, cfg.run_dir / "ray", callbacks)
     kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
         return store_search(cfg, Path(d), PhaseCost(kind, devices, 0.0, wall))
+
+
+def target_text(cfg: Config) -> str:
+    """The search's target as printed: '0.5 x dense MACs', '0.5 x dense latency', '1.2 GMACs'."""
+    s = cfg.search
+    if s.target_gmacs:
+        return f"{s.target_gmacs:g} GMACs"
+    return f"{s.budget:g} x dense {'latency' if s.budget_metric == 'latency' else 'MACs'}"
 
 
 def store_search(cfg: Config, d: Path, cost: PhaseCost) -> SearchResult:
@@ -330,5 +337,6 @@ def trial_result(cfg: Config, search: SearchResult, tuned: FinetuneResult,
         finetune_device_kind=(tuned.cost.device_kind  # e.g. a CPU search resumed on GPUs
                               if tuned.cost.device_kind != search.cost.device_kind else None),
         search_note=f.get("note", ""), trial_wall_s=wall,
+        target_latency_ms=f.get("target_latency_ms"), latency_ms=f.get("latency_ms"),
         trial_overhead_s=wall - search.cost.worker_seconds - tuned.cost.worker_seconds,
         trial_dir=str(cfg.run_dir))

@@ -24,7 +24,8 @@ OBJECTIVE_TOP1 = "objective_top1"  # the search algorithm's metric when sweep.ma
 # numeric fields logged as MLflow metrics of a trial's run (the rest go to tags); the phases'
 # device-hours are logged under names that carry their unit (`search_gpu_hours`, ...)
 MLFLOW_METRICS = ("top1", "top1_before_finetune", "macs", "params", "target_macs", "dense_macs",
-                  "trial_wall_s", "trial_overhead_s", "argmax_modules")
+                  "trial_wall_s", "trial_overhead_s", "argmax_modules", "target_latency_ms",
+                  "latency_ms")
 
 # -- device-hours: GPU-hours and CPU-core-hours are different units and never added together --
 DEVICE_KINDS = ("gpu", "cpu_core")
@@ -105,6 +106,10 @@ class TrialRecord:
     trial_overhead_s: float | None = None
     trial_dir: str | None = None
     finetune_device_kind: str | None = None  # the fine-tune's unit when it differs (None: same)
+    # a latency budget (search.budget_metric latency): target and measured ms per batch of the
+    # table's batch on the search's device; None with a MACs budget
+    target_latency_ms: float | None = None
+    latency_ms: float | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
 
     # -- views ------------------------------------------------------------------------------

@@ -95,12 +95,58 @@ def preflight(cfg: Config) -> None:
     print(f"[run] data {cfg.data.dataset}: {len(splits.train)} train / {val} val / "
           f"{len(splits.test)} test images of {arch.in_chans}x{arch.img_size}x{arch.img_size}",
           flush=True)
+    if cfg.pipeline == "search" and cfg.search.budget_metric == "latency":
+        resolve_latency_table(cfg, arch)
     if cfg.pipeline == "search":
         from orchestrator.tracking import check_store
 
         check_store(cfg)
         if cfg.mlflow.enabled:
             print(f"[run] MLflow store {cfg.tracking_uri}", flush=True)
+
+
+def resolve_latency_table(cfg: Config, arch) -> None:
+    """Find the latency table a latency budget needs (the given file, or the cached one of this
+    model measured with the workers' thread count on this machine) and put its path in the
+    config the workers get; a missing or mismatched table is refused here, before Ray."""
+    import torch
+
+    from search_space.latency import LatencyTable, table_path
+
+    given = cfg.search.latency_table
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"search.latency_table={given!r} does not exist")
+    elif cfg.scaling.use_gpu:
+        raise ConfigError("search.budget_metric='latency' with scaling.use_gpu=true needs "
+                          "search.latency_table: measure it on a GPU node (python -m "
+                          "search_space.latency ...) and give the file")
+    else:
+        threads, before = max(1, int(cfg.scaling.cpus_per_worker)), torch.get_num_threads()
+        torch.set_num_threads(threads)  # the workers' threads: part of the table's key
+        try:
+            path = table_path(cfg.model.name, arch, 64, torch.device("cpu"))
+        finally:
+            torch.set_num_threads(before)
+        if not path.is_file():
+            b = arch.blocks[0]
+            flags = (f"--img-size {arch.img_size} --patch-size {arch.patch_size} --in-chans "
+                     f"{arch.in_chans} --num-classes {arch.num_classes} --embed-dim "
+                     f"{arch.embed_dim} --depth {len(arch.blocks)} --num-heads {b.num_heads} "
+                     f"--mlp-ratio {b.mlp_hidden / arch.embed_dim:g} --threads {threads}")
+            raise ConfigError(
+                f"search.budget_metric='latency': no latency table of model {cfg.model.name!r} "
+                f"for {threads} thread(s) on this machine ({path}); measure it first: python -m "
+                f"search_space.latency {cfg.model.name} {flags}")
+    try:
+        table = LatencyTable.load(path)
+        print(f"[run] latency budget: {cfg.search.budget:g} x {table.of_arch(arch):.3f} ms per "
+              f"batch of {table.batch} (table {path})", flush=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise ConfigError(f"search.latency_table {str(path)!r} does not fit this model: {e}"
+                          ) from None
+    cfg.search.latency_table = str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from orchestrator.phases import (
     run_search,
     store_finetune,
     store_search,
+    target_text,
 )
 from trainers.search import FINETUNE_DIR, SUBNET_DIR, search_loop
 
@@ -43,9 +44,7 @@ def run_trial(cfg: Config, dense: PretrainResult, callbacks: list | None = None
         return search, run_finetune(cfg, search.subnet)
     ft = equal_training(cfg)
     name = f"trial-{ft.finetune_key()}"  # covers the search's settings: a rerun resumes it
-    target = cfg.search.target_gmacs or cfg.search.budget
-    print(f"[trial] {cfg.search.method} search, target {target} "
-          f"{'GMACs' if cfg.search.target_gmacs else 'x dense MACs'}, then "
+    print(f"[trial] {cfg.search.method} search, target {target_text(cfg)}, then "
           f"{ft.finetune.epochs:g} fine-tune epoch(s), on {cfg.scaling.num_workers} worker(s) "
           f"in one run ({name})", flush=True)
     result, wall = fit_phase(ft, search_loop, {"train": ft.worker_dict(), "finetune": True,

@@ -113,8 +113,14 @@ class SearchRecipe(_Section):
     `SearchConfig` from the method registry."""
 
     method: str = "ofb"
-    budget: float = Field(0.5, gt=0, le=1, description="target MACs / dense MACs")
+    budget: float = Field(0.5, gt=0, le=1, description="target MACs / dense MACs (or latency "
+                          "/ dense latency, with budget_metric latency)")
     target_gmacs: float | None = Field(None, gt=0, description="absolute target; wins over budget")
+    budget_metric: Literal["macs", "latency"] = Field(
+        "macs", description="ours: 'latency' makes budget a fraction of the dense model's "
+        "latency from a measured table (python -m search_space.latency); MACs stay reported")
+    latency_table: str | None = Field(None, description="the latency table (JSON); null = the "
+                                      "cached one of this model on this machine")
     epochs: float = Field(6, gt=0, description="cap: at the cap every method decides")
     lr_warmup_epochs: float = Field(1, ge=0, description="linear LR warm-up, then cosine")
     lr: float = Field(5e-4, gt=0, description="the weights (and OFB's importance scores S)")
@@ -141,6 +147,16 @@ class SearchRecipe(_Section):
                 raise ValueError("; ".join(moved) + " (each method's own settings live under "
                                  "search.<method>)")
         return data
+
+    @model_validator(mode="after")
+    def _method_accepts(self) -> SearchRecipe:
+        from trainers.methods import get_method
+
+        if self.budget_metric == "latency" and self.target_gmacs:
+            raise ValueError("search.target_gmacs is a MACs target; with "
+                             "search.budget_metric='latency' give search.budget instead")
+        get_method(self.method).check_config(self)
+        return self
 
     def method_section(self) -> str | None:
         return section_of(self.method)

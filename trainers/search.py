@@ -161,11 +161,22 @@ def search_loop(config: dict[str, Any]) -> None:
         final["val_top1_before_finetune"] = evals.split(subnet, splits.val, cfg, env)["top1"]
     final["test_top1_before_finetune"] = evals.split(subnet, splits.test, cfg, env)["top1"]
     elapsed += time.perf_counter() - t0 - evals.lap()  # extraction counts, evaluation not
+    if method.latency is not None:  # a latency budget: the subnet timed as the table was
+        t1 = time.perf_counter()
+        final.update(budget_metric="latency", target_latency_ms=method.target_latency,
+                     latency_ms_predicted=method.latency.of_arch(arch))
+        if env.is_main:  # one timing at a time on a shared machine; evaluation, not search
+            final["latency_ms"] = method.latency.measure_arch(arch)
+        evals.total += time.perf_counter() - t1
     final["elapsed_s"], final["eval_s"] = elapsed, evals.total
     if env.is_main:
         print(f"[search] subnet {cost.macs / 1e6:.2f} M MACs ({cost.macs / final['dense_macs']:.1%}"
               f" of dense), {cost.params / 1e6:.3f} M params, top-1 before fine-tune "
               f"{final['test_top1_before_finetune']:.4f}", flush=True)
+        if "latency_ms" in final:
+            print(f"[search] latency {final['latency_ms']:.3f} ms per batch measured "
+                  f"(predicted {final['latency_ms_predicted']:.3f}), target "
+                  f"{final['target_latency_ms']:.3f} ms", flush=True)
 
     def write(d: Path) -> None:
         export_subnet(subnet, arch, d / SUBNET_DIR, extra={"macs": cost.macs,

@@ -189,6 +189,21 @@ class SearchableViT(nn.Module):
         terms = terms or {}
         return self.macs_at(lambda m: m.expected_width(terms[m][0] if m in terms else None))
 
+    def expected_latency(self, table: Any, terms: dict[SearchableMixin, tuple[torch.Tensor,
+                         torch.Tensor]] | None = None) -> torch.Tensor:
+        """Latency at the expected widths from a measured table (search_space/latency.py; ms
+        per batch), differentiable in alpha as `expected_macs` is: a latency budget's loss."""
+        terms = terms or {}
+
+        def width(m: SearchableMixin) -> torch.Tensor:
+            return m.expected_width(terms[m][0] if m in terms else None)
+
+        D = width(self.vit.patch_embed)
+        total = table.stem_head(D)
+        for b in self.vit.blocks:
+            total = total + table.attn(D, width(b.attn)) + table.mlp(D, width(b.mlp))
+        return total
+
     def macs_at(self, width: Callable[[SearchableMixin], Any]) -> Any:
         """Analytic MACs with `width(module)` units in each searchable module (attention:
         heads x dims); the counter's formulas, so a choice of candidates costs what its

@@ -36,6 +36,12 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     (["model.embed_dim=100", "model.num_heads=3"], "embed_dim=100 is not divisible"),
     (["scaling.precision=fp16"], "scaling.precision"),
     (["name=has space"], "name: String should match pattern"),
+    (["search.budget_metric=flops"], "search.budget_metric: Input should be 'macs' or 'latency'"),
+    (["search.budget_metric=latency", "search.method=uvc"],
+     "budget_metric='latency' is not supported by search.method='uvc'; it supports"),
+    (["search.budget_metric=latency", "search.target_gmacs=0.01"], "search.target_gmacs is a"),
+    (["search.budget_metric=latency", "search.ofb.cap_within_budget=true"],
+     "cap_within_budget chooses within a MACs budget"),
 ])
 def test_each_bad_value_is_named(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -65,6 +65,9 @@ class SearchMethod(abc.ABC):
     section: ClassVar[str | None] = None  # config section search.<section>, None: no options
     Options: ClassVar[type[Section] | None] = None
     ddp_kwargs: ClassVar[dict[str, Any]] = {}  # extra DistributedDataParallel keywords
+    # what `search.budget` may be a fraction of (`search.budget_metric`): MACs always; a method
+    # that can aim at a measured latency table lists "latency" and reads `self.latency`
+    budget_metrics: ClassVar[tuple[str, ...]] = ("macs",)
 
     def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch, seed: int = 0):
         self.cfg = cfg
@@ -76,6 +79,22 @@ class SearchMethod(abc.ABC):
         self.target_macs: float | None = (cfg.target_gmacs * 1e9 if cfg.target_gmacs
                                           else cfg.budget * self.dense_macs)
         self.device = torch.device("cpu")
+        self.latency = None  # the LatencyTable when the budget is a latency (ms per batch)
+        if getattr(cfg, "budget_metric", "macs") == "latency":
+            from search_space.latency import LatencyTable
+
+            self.latency = LatencyTable.load(cfg.latency_table)
+            self.dense_latency = self.latency.of_arch(dense_arch)
+            self.target_latency = cfg.budget * self.dense_latency
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Refuse a `search` config this method cannot run (a ValueError naming the keys),
+        when the config is validated: before Ray starts."""
+        metric = getattr(cfg, "budget_metric", "macs")
+        if metric not in cls.budget_metrics:
+            raise ValueError(f"search.budget_metric={metric!r} is not supported by "
+                             f"search.method={cls.name!r}; it supports {list(cls.budget_metrics)}")
 
     # --- required ------------------------------------------------------------------------
     @abc.abstractmethod

@@ -103,6 +103,14 @@ class OFBOptions(Section):
 class OFB(SearchMethod):
     section = "ofb"
     Options = OFBOptions
+    budget_metrics = ("macs", "latency")
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        super().check_config(cfg)
+        if cfg.budget_metric == "latency" and cfg.ofb.cap_within_budget:
+            raise ValueError("search.ofb.cap_within_budget chooses within a MACs budget; it "
+                             "cannot be combined with search.budget_metric='latency'")
 
     def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch, seed: int = 0):
         super().__init__(cfg, steps_per_epoch, dense_arch, seed)
@@ -173,8 +181,8 @@ class OFB(SearchMethod):
             return {"ce": ce}
         tol = self.opts.macs_tolerance
         # with the one-sided band [target - tol, target] the MACs loss aims at its middle
-        aim = self.target_macs - (tol or 0.0) / 2 * self.dense_macs
-        rel = (sn.expected_macs(terms) - aim) / self.dense_macs
+        expected, target, dense = self._budget(sn, terms)
+        rel = (expected - (target - (tol or 0.0) / 2 * dense)) / dense
         on_budget = 1.0
         if tol is not None:  # outside the band the MACs weight grows, inside it relaxes
             # kept on the device (0-d tensors): deciding on the host would stall every step
@@ -192,6 +200,15 @@ class OFB(SearchMethod):
             rec = pmim.reconstruction_loss(recon, images, patch_mask, sn.dense_arch.patch_size)
             out["pmim"] = pmim.weighted(ce, rec)
         return out
+
+    def _budget(self, sn: SearchableViT, terms: Any = None) -> tuple[torch.Tensor, float, float]:
+        """(expected cost, target, dense cost) in the budget's unit: MACs, or ms per batch from
+        the latency table (`search.budget_metric`); the MACs loss, its tolerance band and
+        elimination's budget check all use these, so a latency budget steers the same way."""
+        if self.latency is not None:
+            return sn.expected_latency(self.latency, terms), self.target_latency, \
+                self.dense_latency
+        return sn.expected_macs(terms), self.target_macs, self.dense_macs
 
     @torch.no_grad()
     def _sync(self, sn: SearchableViT) -> None:
@@ -221,7 +238,8 @@ class OFB(SearchMethod):
         tol = self.opts.macs_tolerance
         if tol is not None:
             with torch.no_grad():
-                rel = (float(sn.expected_macs()) - self.target_macs) / self.dense_macs
+                expected, target, dense = self._budget(sn)
+                rel = (float(expected) - target) / dense
             if not -tol <= rel <= 0:  # one-sided, as in `losses`
                 return False
         changed = False
@@ -274,6 +292,8 @@ class OFB(SearchMethod):
             "lambda": self.lam(self.step),
             "macs_loss_weight": float(self.macs_weight),
             "mask_ratio": self.mask_ratio(self.step, model),
+            **({"expected_latency_ms": float(sn.expected_latency(self.latency).detach()),
+                "target_latency_ms": self.target_latency} if self.latency is not None else {}),
         }
 
     def restore(self, model, weights) -> None:

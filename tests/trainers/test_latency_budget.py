@@ -1,0 +1,86 @@
+"""A latency budget (search.budget_metric latency) steers OFB through a measured table: the
+config names a missing table before Ray, OFB's budget loss and its metrics are in ms, and the
+expected latency is differentiable in alpha."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from search_space.arch import ViTArch
+from search_space.latency import dense_arch, measure_table, table_path
+from search_space.models import build_vit
+from trainers.config import SearchConfig
+from trainers.methods import get_method
+
+TINY = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2,
+            num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def table_file(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        table = measure_table("vit_tiny_patch16_224", dense_arch("vit_tiny_patch16_224", **TINY),
+                              batch=64, divisions=2, reps=3)
+    finally:
+        torch.set_num_threads(threads)
+    return table.save(tmp_path_factory.mktemp("latency") / "table.json"), table
+
+
+def test_ofb_aims_its_budget_loss_at_the_latency_target(table_file):
+    path, table = table_file
+    dense = build_vit("vit_tiny_patch16_224", **TINY)
+    cfg = SearchConfig(budget=0.6, budget_metric="latency", latency_table=str(path),
+                       lr_warmup_epochs=0, ofb={"ramp_epochs": 0})
+    method = get_method("ofb")(cfg, 10, ViTArch.from_timm(dense))
+    assert method.dense_latency == pytest.approx(table.of_arch(ViTArch.from_timm(dense)))
+    assert method.target_latency == pytest.approx(0.6 * method.dense_latency)
+    sn = method.wrap(dense)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    logits, aux = method.forward(sn, x, 100)
+    terms = method.losses(sn, x, y, logits, aux, 100)
+    expected = sn.expected_latency(table)
+    want = method.opts.macs_loss_weight * ((expected - method.target_latency)
+                                           / method.dense_latency) ** 2
+    assert torch.allclose(terms["macs"], want)  # the budget term is in ms, not MACs
+    terms["macs"].backward()
+    assert all(m.alpha.grad is not None and m.alpha.grad.abs().sum() > 0
+               for m in sn.searchable())
+    m = method.metrics(sn)
+    assert m["target_latency_ms"] == pytest.approx(method.target_latency)
+    assert 0 < m["expected_latency_ms"] <= method.dense_latency * 1.0001
+
+
+def test_a_missing_table_is_named_with_the_command_before_ray(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "orchestrator.run", "--dry-run", "sweep=null",
+                        f"output_dir={tmp_path}", "search.budget_metric=latency",
+                        "data.max_train_samples=256"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "no latency table" in r.stderr and "python -m search_space.latency " \
+        "vit_tiny_patch16_224 --img-size 28" in r.stderr and "--threads 1" in r.stderr
+    assert "Ray resources" not in r.stdout
+    r = subprocess.run([sys.executable, "-m", "orchestrator.run", "--dry-run", "sweep=null",
+                        f"output_dir={tmp_path}", "search.budget_metric=latency",
+                        f"search.latency_table={tmp_path / 'nope.json'}"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "nope.json' does not exist" in r.stderr
+
+
+def test_the_table_key_follows_the_workers_threads():
+    dense = dense_arch("vit_tiny_patch16_224", **TINY)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = table_path("vit_tiny_patch16_224", dense)
+        torch.set_num_threads(2)
+        two = table_path("vit_tiny_patch16_224", dense)
+    finally:
+        torch.set_num_threads(before)
+    assert one != two
