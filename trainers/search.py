@@ -218,7 +218,9 @@ _SHOWN = (("expected_macs", "expected={:.2f}M", 1e-6), ("live_candidates", "live
           ("mask_ratio", "mask_ratio={:.3f}", None), ("kept_blocks", "blocks=[{}]", None),
           ("heads_pruned", "heads-{}", None), ("v_dims_pruned", "v_dims-{}", None),
           ("neurons_pruned", "neurons-{}", None), ("z", "z={:.3g}", None),
-          ("mixers", "mixers=[{}]", None), ("neurons_kept", "neurons={}", None))
+          ("mixers", "mixers=[{}]", None), ("neurons_kept", "neurons={}", None),
+          ("expected_latency_ms", "latency expected={:.3f}ms", None),
+          ("target_latency_ms", "latency target={:.3f}ms", None))
 
 
 def _print_epoch(m: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ Three allocators, all measured with the shared analytic counter (search_space/co
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -27,6 +28,8 @@ from search_space.cost import count_macs
 from search_space.prune import PrunePlan, keep_top
 from search_space.tokens import monotone_keep
 from search_space.two_stage.importance import UnitScores
+
+Cost = Callable[[ViTArch], float]  # an architecture's cost in the budget's unit
 
 
 def _plan_from_counts(s: UnitScores, k_embed: int, heads: list[torch.Tensor],
@@ -40,8 +43,8 @@ def _plan_from_counts(s: UnitScores, k_embed: int, heads: list[torch.Tensor],
 class _Counts:
     """Kept-unit counts during the greedy search; a move changes one count by one."""
 
-    def __init__(self, s: UnitScores, dense: ViTArch):
-        self.s, self.dense = s, dense
+    def __init__(self, s: UnitScores, dense: ViTArch, cost: Cost = count_macs):
+        self.s, self.dense, self.cost = s, dense, cost
         self.e_order = torch.argsort(s.embed).tolist()  # weakest first
         self.m_order = [torch.argsort(m).tolist() for m in s.mlp]
         self.dim_rank = [torch.argsort(a, dim=1) for a in s.attn]  # per head, weakest first
@@ -52,8 +55,8 @@ class _Counts:
     def macs(self) -> int:
         blocks = tuple(BlockArch(len(h), kd, len(o) - c) for h, kd, o, c in zip(
             self.heads, self.k_dims, self.m_order, self.m_cut, strict=True))
-        return count_macs(replace(self.dense, embed_dim=self.dense.embed_dim - self.e_cut,
-                                  blocks=blocks))
+        return self.cost(replace(self.dense, embed_dim=self.dense.embed_dim - self.e_cut,
+                                 blocks=blocks))
 
     def head_score(self, i: int, h: int) -> float:
         a, d = self.s.attn[i], self.s.attn[i].shape[1]
@@ -94,8 +97,10 @@ class _Counts:
 
 
 def allocate_global(s: UnitScores, dense: ViTArch, target_macs: float, prune_embed: bool = True,
-                    tol: float = 0.02) -> PrunePlan:
-    c = _Counts(s, dense)
+                    tol: float = 0.02, cost: Cost = count_macs) -> PrunePlan:
+    """`cost`: what the budget counts (MACs; a latency table's `of_arch` for a latency budget,
+    `target_macs` then in its unit)."""
+    c = _Counts(s, dense, cost)
     macs = c.macs()
     while macs > target_macs:
         scored = []  # (score lost per MAC saved, MACs after, move)
@@ -114,7 +119,7 @@ def allocate_global(s: UnitScores, dense: ViTArch, target_macs: float, prune_emb
 
 
 def allocate_uniform(s: UnitScores, dense: ViTArch, target_macs: float,
-                     prune_embed: bool = True) -> PrunePlan:
+                     prune_embed: bool = True, cost: Cost = count_macs) -> PrunePlan:
     def plan(r: float) -> PrunePlan:
         def k(n: int) -> int:
             return max(1, math.floor(r * n + 1e-9))
@@ -124,7 +129,7 @@ def allocate_uniform(s: UnitScores, dense: ViTArch, target_macs: float,
             [torch.arange(a.shape[0]) for a in s.attn], [k(a.shape[1]) for a in s.attn],
             [k(m.numel()) for m in s.mlp])
 
-    return plan(_bisect(lambda r: plan(r).macs(dense) <= target_macs))
+    return plan(_bisect(lambda r: cost(plan(r).arch(dense)) <= target_macs))
 
 
 def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float,

@@ -84,3 +84,18 @@ def test_the_table_key_follows_the_workers_threads():
     finally:
         torch.set_num_threads(before)
     assert one != two
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_two_stage_allocates_within_the_latency_target(table_file, allocation):
+    path, table = table_file
+    dense = build_vit("vit_tiny_patch16_224", **TINY)
+    cfg = SearchConfig(method="two_stage_magnitude", budget=0.6, budget_metric="latency",
+                       latency_table=str(path), two_stage={"allocation": allocation})
+    method = get_method("two_stage_magnitude")(cfg, 10, ViTArch.from_timm(dense))
+    _, arch = method.extract(method.wrap(dense))
+    got = table.of_arch(arch)
+    assert got <= method.target_latency
+    if allocation == "global":  # the greedy lands in [target * (1 - tol), target]
+        assert got >= 0.98 * method.target_latency
+    assert method.additions() == {"budget_metric": "latency"}

@@ -177,6 +177,8 @@ class SearchMethod(abc.ABC):
                 if getattr(self.opts, k) != v}
         if self.cfg.grad_clip:
             used["grad_clip"] = self.cfg.grad_clip
+        if getattr(self.cfg, "budget_metric", "macs") != "macs":
+            used["budget_metric"] = self.cfg.budget_metric
         return used
 
     def restore(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -43,6 +43,7 @@ class TwoStage(SearchMethod):
     criterion = "taylor"
     section = "two_stage"
     Options = TwoStageOptions
+    budget_metrics = ("macs", "latency")  # the allocator counts either (search.budget_metric)
 
     def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch, seed: int = 0):
         super().__init__(cfg, steps_per_epoch, dense_arch, seed)
@@ -77,7 +78,11 @@ class TwoStage(SearchMethod):
         per_weight = self.acc if self.criterion == "taylor" else elementwise(vit, "magnitude")
         scores = finalize_scores(group_scores(vit, per_weight), self.criterion)
         allocate = allocate_global if self.opts.allocation == "global" else allocate_uniform
-        plan = allocate(scores, self.dense_arch, self.target_macs, self.opts.prune_embed)
+        if self.latency is not None:  # a latency budget: the table prices every move
+            plan = allocate(scores, self.dense_arch, self.target_latency, self.opts.prune_embed,
+                            cost=self.latency.of_arch)
+        else:
+            plan = allocate(scores, self.dense_arch, self.target_macs, self.opts.prune_embed)
         return apply_plan(vit, plan)
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
