@@ -149,6 +149,9 @@ def build(rows: Rows, dense: Dense) -> Report:
                     "argmax_modules": sum(r.argmax_modules or 0 for r in rs),
                     "additions": "; ".join(sorted({r.additions for r in rs if r.additions})),
                     "params": statistics.fmean(r.params for r in rs),
+                    # a latency budget (search.budget_metric latency): ms per batch, mean
+                    "latency_target_ms": _mean(r.target_latency_ms for r in rs),
+                    "latency_ms": _mean(r.latency_ms for r in rs),
                     **_flat("search", _mean_hours([r.phase_hours()["search"] for r in rs])),
                     **_flat("total", _mean_hours([r.total_hours(share) for r in rs]))})
     comparison, metrics = [], {}
@@ -180,6 +183,11 @@ def build(rows: Rows, dense: Dense) -> Report:
     return Report(out, comparison, metrics, render(out, comparison, dense))
 
 
+def _mean(xs: Any) -> float | None:
+    got = [x for x in xs if x is not None]
+    return statistics.fmean(got) if got else None
+
+
 def _pct(key: tuple[str, ...]) -> int:
     return int(key[1].removesuffix("pct") or 0)
 
@@ -205,6 +213,10 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
              *(f"{g.get(f'search_{hours_name(k)}', 0.0):.4f}" for k in search_kinds),
              *(f"{g.get(f'total_{hours_name(k)}', 0.0):.4f}" for k in total_kinds)]
             for g in groups]
+    if any(g.get("latency_target_ms") is not None for g in groups):  # latency budgets
+        head[9:9] = ["latency target", "latency"]
+        for b, g in zip(body, groups, strict=True):
+            b[9:9] = [_ms(g.get("latency_target_ms")), _ms(g.get("latency_ms"))]
     if any(g["infeasible"] for g in groups):  # only sweeps with sweep.max_macs have any
         head.insert(3, "infeasible")
         for b, g in zip(body, groups, strict=True):
@@ -216,6 +228,9 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
                  "(seeds); 'before FT' = right after extraction, mean; MACs and params: mean")
     lines.append("   target: the MACs budget (of dense); over target: trials whose subnet is "
                  "above it (flagged '!'); argmax: modules decided at the epoch cap, summed")
+    if "latency" in head:
+        lines.append("   latency target / latency: a latency budget's target and the subnet's "
+                     "measured ms per batch (the latency table's batch and device)")
     lines.append("   equal training: methods whose search trains no weights fine-tune for "
                  "search + fine-tune epochs; search costs count training only, not evaluation")
     marked = [g for g in groups if g["additions"]]
@@ -241,6 +256,10 @@ def render(groups: list[dict[str, Any]], comparison: list[dict[str, Any]], dense
         lines.append("   no two-stage method in this sweep: the dense training cost is the "
                      "reference")
     return "\n".join(lines)
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f} ms"
 
 
 def _table(head: list[str], body: list[list[str]]) -> str:

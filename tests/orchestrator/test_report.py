@@ -172,3 +172,15 @@ def test_imports_go_one_way():
     assert "orchestrator.report" not in imports("tracking")
     assert "orchestrator.records" in imports("tracking") & imports("report") & imports("results")
     assert not {m for m in imports("records") if m.startswith(("orchestrator.", "ray", "mlflow"))}
+
+
+def test_latency_budgets_show_their_target_and_measured_latency():
+    lat = [{**_row("ofb", 0.5, 0.87, 0.1, trial="l1"), "target_latency_ms": 7.0,
+            "latency_ms": 6.8},
+           {**_row("ofb", 0.5, 0.86, 0.1, trial="l2"), "target_latency_ms": 7.0,
+            "latency_ms": 7.2}]
+    rep = build(lat, Dense(top1=0.9, macs=DENSE_MACS, device_hours=0.5))
+    (g,) = rep.groups
+    assert g["latency_target_ms"] == 7.0 and g["latency_ms"] == pytest.approx(7.0)
+    assert "latency target" in rep.text and "7.000 ms" in rep.text
+    assert "latency target" not in build(ROWS, Dense(0.9, DENSE_MACS, 0.5)).text
