@@ -15,16 +15,21 @@ the search still allowed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from search_space.ofb.searchable import SearchableMixin
 from search_space.ofb.supernet import SearchableViT
 
 
-def choose_within_budget(sn: SearchableViT, high: float,
-                         low: float | None = None) -> dict[SearchableMixin, int]:
+def choose_within_budget(sn: SearchableViT, high: float, low: float | None = None,
+                         cost: Callable[[Callable[[SearchableMixin], float]], float] | None = None
+                         ) -> dict[SearchableMixin, int]:
     """{undecided module: candidate index}: the argmax, moved as above; finished modules keep
-    their one candidate."""
+    their one candidate. `cost(width)`: the subnet's cost with `width(module)` units per module,
+    in the unit of `high` and `low` (default MACs, `sn.macs_at`; a latency budget passes the
+    table's `sn.latency_at`)."""
     open_ = [m for m in sn.searchable() if not m.is_finished]
     widths = {m: m.candidate_widths() for m in sn.searchable()}
     ladder, logp, pos = {}, {}, {}  # per module: live indices narrow -> wide, log p, position
@@ -39,7 +44,7 @@ def choose_within_budget(sn: SearchableViT, high: float,
         return widths[m][ladder[m][pos[m]] if m in pos else m.live_indices()[0]]
 
     def macs() -> float:
-        return float(sn.macs_at(width))
+        return float(cost(width) if cost is not None else sn.macs_at(width))
 
     def best_move(step: int, ok) -> SearchableMixin | None:
         now, best, best_cost = macs(), None, float("inf")

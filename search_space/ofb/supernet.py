@@ -194,10 +194,11 @@ class SearchableViT(nn.Module):
         """Latency at the expected widths from a measured table (search_space/latency.py; ms
         per batch), differentiable in alpha as `expected_macs` is: a latency budget's loss."""
         terms = terms or {}
+        return self.latency_at(
+            table, lambda m: m.expected_width(terms[m][0] if m in terms else None))
 
-        def width(m: SearchableMixin) -> torch.Tensor:
-            return m.expected_width(terms[m][0] if m in terms else None)
-
+    def latency_at(self, table: Any, width: Callable[[SearchableMixin], Any]) -> Any:
+        """The table's latency with `width(module)` units in each searchable module."""
         D = width(self.vit.patch_embed)
         total = table.stem_head(D)
         for b in self.vit.blocks:

@@ -99,3 +99,23 @@ def test_two_stage_allocates_within_the_latency_target(table_file, allocation):
     if allocation == "global":  # the greedy lands in [target * (1 - tol), target]
         assert got >= 0.98 * method.target_latency
     assert method.additions() == {"budget_metric": "latency"}
+
+
+def test_ofb_cap_within_a_latency_budget(table_file):
+    """At the epoch cap, undecided modules take the most probable choice within the latency
+    band (cap_within_budget, priced by the table), not each its argmax."""
+    path, table = table_file
+    dense = build_vit("vit_tiny_patch16_224", **TINY)
+    # 0.75: this coarse table's floor (narrowest widths, clamped) is ~60% of dense
+    cfg = SearchConfig(budget=0.75, budget_metric="latency", latency_table=str(path),
+                       ofb={"cap_within_budget": True, "macs_tolerance": 0.03})
+    method = get_method("ofb")(cfg, 10, ViTArch.from_timm(dense))
+    sn = method.wrap(dense)
+    with torch.no_grad():  # argmaxes at the widest candidates: far above the target
+        for m in sn.searchable():
+            m.alpha.copy_(torch.linspace(0, 3, m.alpha.numel()))
+    method.finalize(sn, torch.optim.SGD(sn.parameters(), lr=0.1))
+    _, arch = method.extract(sn)
+    got = table.of_arch(arch)
+    low = method.target_latency - 0.03 * method.dense_latency
+    assert low <= got <= method.target_latency, (low, got, method.target_latency)

@@ -105,12 +105,6 @@ class OFB(SearchMethod):
     Options = OFBOptions
     budget_metrics = ("macs", "latency")
 
-    @classmethod
-    def check_config(cls, cfg: Any) -> None:
-        super().check_config(cfg)
-        if cfg.budget_metric == "latency" and cfg.ofb.cap_within_budget:
-            raise ValueError("search.ofb.cap_within_budget chooses within a MACs budget; it "
-                             "cannot be combined with search.budget_metric='latency'")
 
     def __init__(self, cfg: Any, steps_per_epoch: int, dense_arch: ViTArch, seed: int = 0):
         super().__init__(cfg, steps_per_epoch, dense_arch, seed)
@@ -266,8 +260,11 @@ class OFB(SearchMethod):
         choice, how = {}, "each took its most probable candidate"
         if self.opts.cap_within_budget:
             tol = self.opts.macs_tolerance
-            low = None if tol is None else self.target_macs - tol * self.dense_macs
-            choice = choose_within_budget(sn, self.target_macs, low)
+            _, target, dense = self._budget(sn)
+            cost = None if self.latency is None else (
+                lambda w: float(sn.latency_at(self.latency, w)))
+            choice = choose_within_budget(sn, target, None if tol is None else target - tol * dense,
+                                          cost)
             how = "they took the most probable choice within the budget (cap_within_budget)"
         for m in sn.searchable():
             if not m.is_finished:
