@@ -40,7 +40,7 @@ from torch import nn
 from search_space._timing import Branch, build_finite, device_key, time_ms
 from search_space.arch import BlockArch, ViTArch
 
-FORMAT = 1
+FORMAT = 2  # 2: attention per (heads, head_dim) cell too
 _STEM_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "class_token", "reg_tokens",
                 "no_embed_class", "global_pool", "qkv_bias", "layer_scale", "fc_norm", "pre_norm")
 
@@ -65,7 +65,7 @@ def _axis(xs: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if xs.numel() == 1:
         zero = torch.zeros_like(x, dtype=torch.long)
         return zero, zero, torch.zeros_like(x)
-    x = x.clamp(float(xs[0]), float(xs[-1]))
+    x = torch.clamp(x, min=xs[0], max=xs[-1])  # tensor bounds: no host read
     i = (torch.searchsorted(xs, x.detach().contiguous(), right=True) - 1).clamp(0, len(xs) - 2)
     return i, i + 1, (x - xs[i]) / (xs[i + 1] - xs[i])
 
@@ -82,8 +82,10 @@ class LatencyTable:
 
     key: dict[str, Any]  # device_key + batch + model + dense arch: what the file name hashes
     embed: list[int]  # (nD,) grid of D
-    widths: dict[str, list[int]]  # "attn": (nA,) heads x head_dim, "mlp": (nM,) hidden
-    ms: dict[str, list]  # "stem_head": (nD,), "attn": (nD, nA), "mlp": (nD, nM)
+    widths: dict[str, list[int]]  # "attn": (nA,) heads x head_dim, "mlp": (nM,) hidden,
+    #                               "attn_dims": (nd,) head dims of the cells
+    ms: dict[str, list]  # "stem_head": (nD,), "attn": (nD, nA), "mlp": (nD, nM),
+    #                      "attn_cells": (nD, H, nd) one attention per heads 1..H x head dim
     split_spread: float = 0.0  # max relative spread over (heads, head_dim) splits of one width
     seconds: float = 0.0  # how long measuring took
     loadavg: float = -1.0  # 1-min load average when measuring began (busy neighbours skew timings)
@@ -118,8 +120,12 @@ class LatencyTable:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     # --- predictions (differentiable in D and widths when they are tensors) ------------------
-    def _grid(self, values: list[int], like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    def _grid(self, values: list, like: torch.Tensor) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_tensors", {})
+        key = (tuple(values), like.dtype, like.device)
+        if key not in cache:  # once per dtype and device: no upload per step
+            cache[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+        return cache[key]
 
     def stem_head(self, D: Any) -> torch.Tensor:
         """ms of patch embed + cls/pos + final norm + head at embedding width D."""
@@ -134,9 +140,35 @@ class LatencyTable:
         d, w = d.to(dtype), w.to(dtype)
         i0, i1, t = _axis(self._grid(self.embed, d), d)
         j0, j1, u = _axis(self._grid(self.widths[part], w), w)
-        V = torch.tensor(self.ms[part], dtype=dtype, device=w.device)  # (nD, nW)
+        V = self._values(part, dtype, w.device)  # (nD, nW)
         return (1 - t) * ((1 - u) * V[i0, j0] + u * V[i0, j1]) + t * (
             (1 - u) * V[i1, j0] + u * V[i1, j1])
+
+    def attn_cell(self, D: Any, heads: Any, head_dim: Any) -> torch.Tensor:
+        """ms of one attention branch with `heads` x `head_dim` (vectors: one value each), at
+        embedding width D: the measured cell, interpolated over D and head_dim. Heads of one
+        width differ (4 x 8 costs 40% more than 1 x 32 at D=128 here), which `attn` averages."""
+        d, hd = _tensor(D), _tensor(head_dim)
+        dtype = torch.promote_types(d.dtype, hd.dtype)
+        d, hd = d.to(dtype), hd.to(dtype)
+        h = torch.as_tensor(heads, device=hd.device).long() - 1  # row of the cell
+        H = len(self.ms["attn_cells"][0])
+        if int(h.max()) >= H or int(h.min()) < 0:
+            raise ValueError(f"heads {heads} outside the table's 1..{H}")
+        i0, i1, t = _axis(self._grid(self.embed, d), d)
+        j0, j1, u = _axis(self._grid(self.widths["attn_dims"], hd), hd)
+        V = self._values("attn_cells", dtype, hd.device)  # (nD, H, nd)
+        return (1 - t) * ((1 - u) * V[i0, h, j0] + u * V[i0, h, j1]) + t * (
+            (1 - u) * V[i1, h, j0] + u * V[i1, h, j1])
+
+    def _values(self, part: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The measured values as a tensor, built once per dtype and device (a step's loss
+        reads them every step: no upload each time)."""
+        cache = self.__dict__.setdefault("_tensors", {})
+        key = (part, dtype, device)
+        if key not in cache:
+            cache[key] = torch.tensor(self.ms[part], dtype=dtype, device=device)
+        return cache[key]
 
     def attn(self, D: Any, width: Any) -> torch.Tensor:
         """ms of one attention branch (pre-norm + residual) with q/k/v width heads x head_dim."""
@@ -169,7 +201,7 @@ class LatencyTable:
                 raise ValueError(f"block {i} has {what}; the latency table covers plain "
                                  "attention, 'none' and MLPs only: use measure_arch")
             if b.mixer == "attn":
-                total = total + self.attn(arch.embed_dim, b.attn_dim)
+                total = total + self.attn_cell(arch.embed_dim, b.num_heads, b.head_dim)
             if b.mlp_hidden:
                 total = total + self.mlp(arch.embed_dim, b.mlp_hidden)
         return float(total)
@@ -192,9 +224,10 @@ def measure_table(name: str, dense: ViTArch, batch: int = 64, device: torch.devi
     hd = max(b.head_dim for b in dense.blocks)
     hidden = max(b.mlp_hidden for b in dense.blocks)
     embed = grid(dense.embed_dim, divisions, 0.5)
-    cells = [(h, d) for h in range(1, H + 1) for d in grid(hd, divisions)]
+    dims = grid(hd, divisions)
+    cells = [(h, d) for h in range(1, H + 1) for d in dims]
     attn_w, mlp_w = sorted({h * d for h, d in cells}), grid(hidden, divisions)
-    ms: dict[str, list] = {"stem_head": [], "attn": [], "mlp": []}
+    ms: dict[str, list] = {"stem_head": [], "attn": [], "mlp": [], "attn_cells": []}
     spread = 0.0
     for D in embed:
         model = build_finite(replace(dense, embed_dim=D, blocks=(BlockArch(1, 8, 8),)), device)
@@ -203,11 +236,13 @@ def measure_table(name: str, dense: ViTArch, batch: int = 64, device: torch.devi
         ms["stem_head"].append(time_ms(model, img, reps))
         x = torch.randn(batch, dense.num_tokens, D, device=device)  # (B, T, D)
         by_width: dict[int, list[float]] = {}
+        ms["attn_cells"].append([[0.0] * len(dims) for _ in range(H)])
         for h, d in cells:
             blk = build_finite(replace(dense, embed_dim=D, blocks=(BlockArch(h, d, 8),)),
                                device).blocks[0]
             t = time_ms(Branch(blk.norm1, blk.attn, blk.ls1), x, reps)
             by_width.setdefault(h * d, []).append(t)
+            ms["attn_cells"][-1][h - 1][dims.index(d)] = t
         ms["attn"].append([statistics.fmean(by_width[w]) for w in attn_w])
         spread = max([spread] + [(max(v) - min(v)) / min(v) for v in by_width.values()])
         row = []
@@ -216,7 +251,8 @@ def measure_table(name: str, dense: ViTArch, batch: int = 64, device: torch.devi
                                device).blocks[0]
             row.append(time_ms(Branch(blk.norm2, blk.mlp, blk.ls2), x, reps))
         ms["mlp"].append(row)
-    return LatencyTable(_key(name, dense, batch, device), embed, {"attn": attn_w, "mlp": mlp_w},
+    return LatencyTable(_key(name, dense, batch, device), embed,
+                        {"attn": attn_w, "mlp": mlp_w, "attn_dims": dims},
                         ms, spread, time.perf_counter() - start, load)
 
 

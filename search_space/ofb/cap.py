@@ -24,12 +24,12 @@ from search_space.ofb.supernet import SearchableViT
 
 
 def choose_within_budget(sn: SearchableViT, high: float, low: float | None = None,
-                         cost: Callable[[Callable[[SearchableMixin], float]], float] | None = None
+                         cost: Callable[[Callable[[SearchableMixin], int]], float] | None = None
                          ) -> dict[SearchableMixin, int]:
     """{undecided module: candidate index}: the argmax, moved as above; finished modules keep
-    their one candidate. `cost(width)`: the subnet's cost with `width(module)` units per module,
-    in the unit of `high` and `low` (default MACs, `sn.macs_at`; a latency budget passes the
-    table's `sn.latency_at`)."""
+    their one candidate. `cost(pick)`: the subnet's cost with candidate `pick(module)` in each
+    module, in the unit of `high` and `low` (default: MACs by `sn.macs_at`; a latency budget
+    prices choices with its table)."""
     open_ = [m for m in sn.searchable() if not m.is_finished]
     widths = {m: m.candidate_widths() for m in sn.searchable()}
     ladder, logp, pos = {}, {}, {}  # per module: live indices narrow -> wide, log p, position
@@ -40,11 +40,13 @@ def choose_within_budget(sn: SearchableViT, high: float, low: float | None = Non
         ladder[m], logp[m] = live, lp
         pos[m] = live.index(max(live, key=lambda i: lp[i]))
 
-    def width(m: SearchableMixin) -> float:
-        return widths[m][ladder[m][pos[m]] if m in pos else m.live_indices()[0]]
+    def pick(m: SearchableMixin) -> int:
+        return ladder[m][pos[m]] if m in pos else m.live_indices()[0]
 
     def macs() -> float:
-        return float(cost(width) if cost is not None else sn.macs_at(width))
+        if cost is not None:
+            return float(cost(pick))
+        return float(sn.macs_at(lambda m: widths[m][pick(m)]))
 
     def best_move(step: int, ok) -> SearchableMixin | None:
         now, best, best_cost = macs(), None, float("inf")

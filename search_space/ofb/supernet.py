@@ -191,18 +191,27 @@ class SearchableViT(nn.Module):
 
     def expected_latency(self, table: Any, terms: dict[SearchableMixin, tuple[torch.Tensor,
                          torch.Tensor]] | None = None) -> torch.Tensor:
-        """Latency at the expected widths from a measured table (search_space/latency.py; ms
-        per batch), differentiable in alpha as `expected_macs` is: a latency budget's loss."""
+        """Expected latency from a measured table (search_space/latency.py; ms per batch),
+        differentiable in alpha as `expected_macs` is: a latency budget's loss."""
         terms = terms or {}
-        return self.latency_at(
-            table, lambda m: m.expected_width(terms[m][0] if m in terms else None))
+        return self.latency_at(table, lambda m: terms[m][0] if m in terms else m.probs())
 
-    def latency_at(self, table: Any, width: Callable[[SearchableMixin], Any]) -> Any:
-        """The table's latency with `width(module)` units in each searchable module."""
-        D = width(self.vit.patch_embed)
+    def latency_at(self, table: Any, probs: Callable[[SearchableMixin], torch.Tensor]
+                   ) -> torch.Tensor:
+        """The table's latency under `probs(module)`, a distribution over the module's
+        candidates (p while searching; one-hot for a choice). Attention and MLP take the
+        expectation of each candidate's measured latency, not the latency at the expected
+        width: heads x dims splits of one width run at different speeds. The embedding enters
+        at its expected width."""
+        pe = self.vit.patch_embed
+        p = probs(pe)
+        D = p @ pe.cand_widths.to(p.dtype)
         total = table.stem_head(D)
         for b in self.vit.blocks:
-            total = total + table.attn(D, width(b.attn)) + table.mlp(D, width(b.mlp))
+            a, m = b.attn, b.mlp
+            pa, pm = probs(a), probs(m)
+            total = total + pa @ table.attn_cell(D, a.cand_heads, a.cand_dims).to(pa.dtype)
+            total = total + pm @ table.mlp(D, m.cand_widths).to(pm.dtype)
         return total
 
     def macs_at(self, width: Callable[[SearchableMixin], Any]) -> Any:

@@ -36,7 +36,8 @@ def table() -> LatencyTable:
 
 def test_grid_is_what_a_search_reaches(table):
     assert table.embed == [64, 128]
-    assert table.widths == {"attn": [16, 32, 48, 64, 96, 128], "mlp": [256, 512]}
+    assert table.widths == {"attn": [16, 32, 48, 64, 96, 128], "mlp": [256, 512],
+                            "attn_dims": [16, 32]}
     assert table.key["batch"] == 64 and table.key["threads"] == 1
 
 
@@ -133,3 +134,15 @@ def test_cli_measures_then_finds_the_cache(tmp_path, capsys):
     assert table.embed == [16, 24, 32] and table.widths["attn"] == [8, 16, 24, 32]
     assert main([*args, "--force"]) == 0
     assert capsys.readouterr().out.startswith("measured: ")
+
+
+def test_attention_cells_are_kept_apart(table):
+    """Heads x head_dim splits of one width are measured apart and read back exactly."""
+    for h in (1, 2, 4):
+        for j, d in enumerate(table.widths["attn_dims"]):
+            assert float(table.attn_cell(128, h, d)) == pytest.approx(
+                table.ms["attn_cells"][1][h - 1][j])
+    got = table.attn_cell(128, torch.tensor([1, 4]), torch.tensor([32.0, 16.0]))
+    assert got.shape == (2,)
+    with pytest.raises(ValueError, match="heads"):
+        table.attn_cell(128, 5, 16)

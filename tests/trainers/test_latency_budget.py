@@ -90,7 +90,8 @@ def test_the_table_key_follows_the_workers_threads():
 def test_two_stage_allocates_within_the_latency_target(table_file, allocation):
     path, table = table_file
     dense = build_vit("vit_tiny_patch16_224", **TINY)
-    cfg = SearchConfig(method="two_stage_magnitude", budget=0.6, budget_metric="latency",
+    # 0.8: uniform keeps every head, and narrow heads cost much of a wide one's latency
+    cfg = SearchConfig(method="two_stage_magnitude", budget=0.8, budget_metric="latency",
                        latency_table=str(path), two_stage={"allocation": allocation})
     method = get_method("two_stage_magnitude")(cfg, 10, ViTArch.from_timm(dense))
     _, arch = method.extract(method.wrap(dense))

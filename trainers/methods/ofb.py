@@ -99,6 +99,12 @@ class OFBOptions(Section):
     elimination_factor: float = Field(0.2, gt=0, lt=1)
 
 
+def _one_hot(m: Any, index: int) -> torch.Tensor:
+    """A choice of candidate `index` as a distribution over the module's candidates."""
+    return torch.zeros_like(m.alpha.detach()).index_fill_(0, torch.tensor([index],
+                                                           device=m.alpha.device), 1.0)
+
+
 @register_method("ofb")
 class OFB(SearchMethod):
     section = "ofb"
@@ -262,7 +268,7 @@ class OFB(SearchMethod):
             tol = self.opts.macs_tolerance
             _, target, dense = self._budget(sn)
             cost = None if self.latency is None else (
-                lambda w: float(sn.latency_at(self.latency, w)))
+                lambda pick: float(sn.latency_at(self.latency, lambda m: _one_hot(m, pick(m)))))
             choice = choose_within_budget(sn, target, None if tol is None else target - tol * dense,
                                           cost)
             how = "they took the most probable choice within the budget (cap_within_budget)"
