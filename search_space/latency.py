@@ -306,13 +306,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help=f"default: {default_cache_dir()}")
     p.add_argument("--force", action="store_true", help="measure even if a table is cached")
     p.add_argument("--check", action="store_true", help="also time the dense model end to end")
+    p.add_argument("--subnet", nargs="+", metavar="DIR", help="exported subnet folders: time "
+                   "each end to end (alternating with the dense model) next to its prediction")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None
-                 and k not in ("model", "batch", "threads", "cache_dir", "force", "check")}
+                 and k not in ("model", "batch", "threads", "cache_dir", "force", "check",
+                               "subnet")}
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -340,6 +343,14 @@ def main(argv: list[str] | None = None) -> int:
           f"dense predicted: {table.of_arch(dense):.3f} ms")
     if args.check:
         print(f"dense measured:  {table.measure_arch(dense):.3f} ms")
+    for folder in args.subnet or []:
+        from search_space.subnet import read_arch
+
+        arch = read_arch(folder)
+        d1, sub, d2 = (table.measure_arch(a) for a in (dense, arch, dense))  # drift on both
+        print(f"subnet {folder}: measured {sub:.3f} ms = {sub / ((d1 + d2) / 2):.3f} of the "
+              f"dense model's {(d1 + d2) / 2:.3f}; predicted {table.of_arch(arch):.3f} ms = "
+              f"{table.of_arch(arch) / table.of_arch(dense):.3f} of dense")
     return 0
 
 
