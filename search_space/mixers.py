@@ -63,8 +63,11 @@ class ValuePrunedAttention(_NoMask):
     """Attention whose kept heads have their own value width (UVC), q and k of `head_dim`.
 
     Rows of `qkv`: q of all heads, k of all heads, then each head's v rows (widths `v_dims`).
-    Scores are computed for all heads in one batched matmul; attn @ v per head, so nothing is
-    padded to the widest head and FlopCounterMode sees exactly T^2 (H d + V) there.
+    Fused (inference, training): one attention call over all heads with each head's v padded
+    to the head_dim of q and k by a gather from a zero column (per-head calls cost UVC's subnets
+    ~25% of their speed at batch 1; the padding adds T^2 (H d - V) multiply-adds of zeros).
+    Unfused (`measure_macs`, ONNX export): one batched matmul for the scores, attn @ v per
+    head, so FlopCounterMode sees exactly T^2 (H d + V) there.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, v_dims: tuple[int, ...],
@@ -77,6 +80,16 @@ class ValuePrunedAttention(_NoMask):
         self.fused_attn = use_fused_attn()  # measure_macs / export_onnx switch it off
         self.qkv = nn.Linear(dim, 2 * self.attn_dim + self.v_dim, bias=qkv_bias)
         self.proj = nn.Linear(self.v_dim, dim)
+        # padded layout: head h's column j < v_h reads v column offset_h + j, the rest the
+        # zero column V; `real` picks the V real columns back out of the H * max(v) padded ones
+        # padded to q/k's head_dim as well: one width for q, k and v is what keeps SDPA on its
+        # fused kernel (v at 31 of 32 wide took the math path: 1.8x slower here)
+        vmax = max(max(self.v_dims), head_dim)
+        offsets = [sum(self.v_dims[:h]) for h in range(num_heads)]
+        pad = [offsets[h] + j if j < v else self.v_dim for h, v in enumerate(self.v_dims)
+               for j in range(vmax)]
+        real = [h * vmax + j for h, v in enumerate(self.v_dims) for j in range(v)]
+        self._layout, self._on = (pad, real), {}  # host lists; tensors per device, built once
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -84,15 +97,26 @@ class ValuePrunedAttention(_NoMask):
         q, k, v = self.qkv(x).split([self.attn_dim, self.attn_dim, self.v_dim], dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, d)
         k = k.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, d)
-        vs = v.split(list(self.v_dims), dim=-1)  # H x (B, T, v_h)
         if self.fused_attn:
-            outs = [F.scaled_dot_product_attention(q[:, h:h + 1], k[:, h:h + 1], v_h[:, None],
-                                                   scale=self.scale)[:, 0]  # (B, T, v_h)
-                    for h, v_h in enumerate(vs)]
-        else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, T, T)
-            outs = [attn[:, h] @ v_h for h, v_h in enumerate(vs)]  # H x (B, T, v_h)
+            B, T, _ = v.shape
+            vz = F.pad(v, (0, 1))  # (B, T, V + 1): the last column is the zero one
+            pad, real = self._indices(v.device)
+            vp = vz.index_select(-1, pad).unflatten(-1, (self.num_heads, -1))  # (B, T, H, vmax)
+            o = F.scaled_dot_product_attention(q, k, vp.transpose(1, 2), scale=self.scale)
+            out = o.transpose(1, 2).flatten(2).index_select(-1, real)  # (B, T, V)
+            return self.proj(out)
+        vs = v.split(list(self.v_dims), dim=-1)  # H x (B, T, v_h)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, T, T)
+        outs = [attn[:, h] @ v_h for h, v_h in enumerate(vs)]  # H x (B, T, v_h)
         return self.proj(torch.cat(outs, dim=-1))  # (B, T, V) -> (B, T, D)
+
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded layout's index tensors on `device` (not buffers: a module built on the
+        meta device and materialised with `to_empty` would hold garbage in them)."""
+        if device not in self._on:
+            self._on[device] = tuple(torch.tensor(i).to(device) for i in self._layout)
+        return self._on[device]
 
 
 class ConvMixer(_NoMask):
