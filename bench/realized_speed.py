@@ -124,12 +124,17 @@ def synthetic_batches(arch: ViTArch, n: int, batch: int) -> list[tuple[Tensor, T
 
 
 def search_in_process(name: str, dense: nn.Module, data: list[tuple[Tensor, Tensor]],
-                      epochs: float) -> tuple[nn.Module, ViTArch, str]:
+                      epochs: float, options: dict | None = None
+                      ) -> tuple[nn.Module, ViTArch, str]:
     """One search at budget 0.5 without Ray, hooks in trainers/search.py's order; returns the
-    subnet, its arch and a label naming the options that differ from the published ones."""
+    subnet, its arch and a label naming the options that differ from the published ones.
+    `options`: extra keys of the method's own section (e.g. width_multiple)."""
     spe = len(data)
+    sections = {"ofb": {"ramp_epochs": 0.5}, "uvc": {"gate_warmup_epochs": 0.5}, "spvit": SPVIT}
+    if options and (sec := get_method(name).section):
+        sections[sec] = {**sections.get(sec, {}), **options}
     cfg = SearchConfig(method=name, budget=0.5, epochs=epochs, lr_warmup_epochs=0.5,
-                       ofb={"ramp_epochs": 0.5}, uvc={"gate_warmup_epochs": 0.5}, spvit=SPVIT)
+                       **sections)
     method = get_method(name)(cfg, spe, ViTArch.from_timm(dense))
     method.setup(torch.device("cpu"))
     model = method.wrap(copy.deepcopy(dense))
@@ -162,10 +167,14 @@ def default_subnets(steps: int, epochs: float) -> tuple[nn.Module, list[Subnet]]
     opt = torch.optim.AdamW(dense.parameters(), lr=2e-3)
     train_one_epoch(dense, data, opt, None, torch.device("cpu"), grad_clip=1.0)
     out = []
-    for name in list_methods():
+    # each method as published, and with hardware-friendly widths where it has the option
+    runs = [(name, None) for name in list_methods()] + [
+        (name, {"width_multiple": 8}) for name in list_methods()
+        if (o := get_method(name).Options) is not None and "width_multiple" in o.model_fields]
+    for name, options in runs:
         t0 = time.perf_counter()
         try:
-            sub, arch, label = search_in_process(name, dense, data, epochs)
+            sub, arch, label = search_in_process(name, dense, data, epochs, options)
         except Exception as e:  # report it, never fake a row
             print(f"{name}: no subnet ({type(e).__name__}: {e})")
             continue

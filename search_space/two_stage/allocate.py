@@ -43,8 +43,14 @@ def _plan_from_counts(s: UnitScores, k_embed: int, heads: list[torch.Tensor],
 class _Counts:
     """Kept-unit counts during the greedy search; a move changes one count by one."""
 
-    def __init__(self, s: UnitScores, dense: ViTArch, cost: Cost = count_macs):
+    def __init__(self, s: UnitScores, dense: ViTArch, cost: Cost = count_macs,
+                 multiple: int = 1):
         self.s, self.dense, self.cost = s, dense, cost
+        # units per move: `multiple` where the module's dense width is a multiple of it (its
+        # kept widths then stay multiples: hardware-friendly), else 1
+        self.e_step = _step(dense.embed_dim, multiple)
+        self.m_step = [_step(m.numel(), multiple) for m in s.mlp]
+        self.d_step = [_step(a.shape[1], multiple) for a in s.attn]
         self.e_order = torch.argsort(s.embed).tolist()  # weakest first
         self.m_order = [torch.argsort(m).tolist() for m in s.mlp]
         self.dim_rank = [torch.argsort(a, dim=1) for a in s.attn]  # per head, weakest first
@@ -65,26 +71,30 @@ class _Counts:
     def moves(self, prune_embed: bool) -> list[tuple[float, tuple]]:
         """(score lost, move) for every legal move; a module keeps at least one unit."""
         s, out = self.s, []
-        if prune_embed and self.dense.embed_dim - self.e_cut > 1:
-            out.append((float(s.embed[self.e_order[self.e_cut]]), ("embed",)))
+        e, st = self.e_cut, self.e_step
+        if prune_embed and self.dense.embed_dim - e > st:
+            out.append((float(s.embed[self.e_order[e:e + st]].sum()), ("embed",)))
         for i, a in enumerate(s.attn):
-            if len(self.m_order[i]) - self.m_cut[i] > 1:
-                out.append((float(s.mlp[i][self.m_order[i][self.m_cut[i]]]), ("mlp", i)))
+            c, st = self.m_cut[i], self.m_step[i]
+            if len(self.m_order[i]) - c > st:
+                out.append((float(s.mlp[i][self.m_order[i][c:c + st]].sum()), ("mlp", i)))
             if len(self.heads[i]) > 1:
                 h = min(self.heads[i], key=lambda h, i=i: self.head_score(i, h))
                 out.append((self.head_score(i, h), ("head", i, h)))
-            if self.k_dims[i] > 1:
-                weakest = self.dim_rank[i][:, a.shape[1] - self.k_dims[i]]  # (H,)
-                out.append((float(sum(a[h, weakest[h]] for h in self.heads[i])), ("dim", i)))
+            st, d = self.d_step[i], a.shape[1]
+            if self.k_dims[i] > st:
+                weakest = self.dim_rank[i][:, d - self.k_dims[i]:d - self.k_dims[i] + st]
+                out.append((float(sum(a[h, weakest[h]].sum() for h in self.heads[i])),
+                            ("dim", i)))  # weakest: (H, st)
         return out
 
     def apply(self, mv: tuple, sign: int = 1) -> None:
         if mv[0] == "embed":
-            self.e_cut += sign
+            self.e_cut += sign * self.e_step
         elif mv[0] == "mlp":
-            self.m_cut[mv[1]] += sign
+            self.m_cut[mv[1]] += sign * self.m_step[mv[1]]
         elif mv[0] == "dim":
-            self.k_dims[mv[1]] -= sign
+            self.k_dims[mv[1]] -= sign * self.d_step[mv[1]]
         elif sign > 0:
             self.heads[mv[1]].remove(mv[2])
         else:
@@ -97,10 +107,10 @@ class _Counts:
 
 
 def allocate_global(s: UnitScores, dense: ViTArch, target_macs: float, prune_embed: bool = True,
-                    tol: float = 0.02, cost: Cost = count_macs) -> PrunePlan:
+                    tol: float = 0.02, cost: Cost = count_macs, multiple: int = 1) -> PrunePlan:
     """`cost`: what the budget counts (MACs; a latency table's `of_arch` for a latency budget,
-    `target_macs` then in its unit)."""
-    c = _Counts(s, dense, cost)
+    `target_macs` then in its unit). `multiple`: widths move in steps of it (see `_Counts`)."""
+    c = _Counts(s, dense, cost, multiple)
     macs = c.macs()
     while macs > target_macs:
         scored = []  # (score lost per MAC saved, MACs after, move)
@@ -119,10 +129,12 @@ def allocate_global(s: UnitScores, dense: ViTArch, target_macs: float, prune_emb
 
 
 def allocate_uniform(s: UnitScores, dense: ViTArch, target_macs: float,
-                     prune_embed: bool = True, cost: Cost = count_macs) -> PrunePlan:
+                     prune_embed: bool = True, cost: Cost = count_macs,
+                     multiple: int = 1) -> PrunePlan:
     def plan(r: float) -> PrunePlan:
         def k(n: int) -> int:
-            return max(1, math.floor(r * n + 1e-9))
+            st = _step(n, multiple)  # rounded down to a multiple where n is one
+            return max(st, math.floor(r * n / st + 1e-9) * st)
 
         return _plan_from_counts(
             s, k(dense.embed_dim) if prune_embed else dense.embed_dim,
@@ -168,6 +180,11 @@ def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float,
     # the MLP threshold alone then takes up the slack those steps leave below the target.
     keep_mlp = _bisect(lambda k: plan(keep, max(k, keep)).macs(dense) <= target_macs)
     return plan(keep, max(keep_mlp, keep))
+
+
+def _step(n: int, multiple: int) -> int:
+    """`multiple` if a width of n units can move in steps of it (n a larger multiple), else 1."""
+    return multiple if multiple > 1 and n % multiple == 0 and n > multiple else 1
 
 
 def _bisect(ok, iters: int = 40) -> float:

@@ -126,3 +126,24 @@ def test_vit_slim_multipliers_l1_and_fold():
     assert scores.attn[0].shape == (4, 16) and scores.mlp[0].shape == (256,)
     folded = sv.fold()
     torch.testing.assert_close(folded(x), searched, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.3])
+def test_allocators_keep_widths_in_multiples_when_asked(budget):
+    """width_multiple 8: embedding, MLP and head dims move 8 units at a time (the dense widths
+    are multiples of 8), and the budget still holds within 2%."""
+    vit, x = _vit(), torch.randn(8, 1, 28, 28)
+    arch = ViTArch.from_timm(vit)
+    target = budget * count_macs(arch)
+    s = _taylor(vit, x)
+    for plan in (allocate_global(s, arch, target, multiple=8),
+                 allocate_uniform(s, arch, target, multiple=8)):
+        a = plan.arch(arch)
+        widths = [a.embed_dim, *(b.mlp_hidden for b in a.blocks),
+                  *(b.head_dim for b in a.blocks)]
+        assert all(w % 8 == 0 for w in widths), widths
+        assert plan.macs(arch) <= target
+    assert target * 0.98 <= allocate_global(s, arch, target, multiple=8).macs(arch)
+    plain = allocate_global(s, arch, target).arch(arch)
+    assert any(w % 8 for w in [plain.embed_dim, *(b.mlp_hidden for b in plain.blocks),
+                               *(b.head_dim for b in plain.blocks)])  # unit by unit otherwise

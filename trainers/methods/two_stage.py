@@ -12,7 +12,7 @@ workers before scoring, so every worker computes the same plan.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -31,11 +31,17 @@ from trainers.sections import Section
 class TwoStageOptions(Section):
     """`search.two_stage.*`, shared by two_stage_taylor and two_stage_magnitude."""
 
+    # ours, not of the classic recipe: recorded with a trial that changes it
+    ADDITIONS: ClassVar[dict[str, Any]] = {"width_multiple": 1}
+
     score_batches: int = Field(32, ge=1, description="batches of |w * grad| (Taylor scoring)")
     allocation: Literal["global", "uniform"] = Field(
         "global", description="global: budget-aware ranking across modules; uniform: the same "
         "fraction in every module")
     prune_embed: bool = Field(True, description="prune embedding channels too")
+    width_multiple: int = Field(1, ge=1, description="ours: kept widths (embedding, MLP, head "
+                                "dims) in multiples of this where the dense width is one (8: "
+                                "hardware-friendly); 1 = unit by unit")
 
 
 class TwoStage(SearchMethod):
@@ -78,11 +84,13 @@ class TwoStage(SearchMethod):
         per_weight = self.acc if self.criterion == "taylor" else elementwise(vit, "magnitude")
         scores = finalize_scores(group_scores(vit, per_weight), self.criterion)
         allocate = allocate_global if self.opts.allocation == "global" else allocate_uniform
+        m = self.opts.width_multiple
         if self.latency is not None:  # a latency budget: the table prices every move
             plan = allocate(scores, self.dense_arch, self.target_latency, self.opts.prune_embed,
-                            cost=self.latency.of_arch)
+                            cost=self.latency.of_arch, multiple=m)
         else:
-            plan = allocate(scores, self.dense_arch, self.target_macs, self.opts.prune_embed)
+            plan = allocate(scores, self.dense_arch, self.target_macs, self.opts.prune_embed,
+                            multiple=m)
         return apply_plan(vit, plan)
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
