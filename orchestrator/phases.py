@@ -229,9 +229,8 @@ def run_search(cfg: Config, dense: PretrainResult, callbacks: list | None = None
     result, wall = fit_phase(cfg, search_loop, {"train": cfg.worker_dict(),
                                                 "dense": str(dense.path / "model.safetensors")},
                              name, cfg.run_dir / "ray", callbacks)
-    kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
-        return store_search(cfg, Path(d), PhaseCost(kind, devices, 0.0, wall))
+        return store_search(cfg, Path(d), wall)
 
 
 def target_text(cfg: Config) -> str:
@@ -242,12 +241,12 @@ def target_text(cfg: Config) -> str:
     return f"{s.budget:g} x dense {'latency' if s.budget_metric == 'latency' else 'MACs'}"
 
 
-def store_search(cfg: Config, d: Path, cost: PhaseCost) -> SearchResult:
-    """Copy a finished search out of Train checkpoint folder `d` into `<run_dir>/search/`;
-    `cost` gets the worker-side seconds from the search's state."""
+def store_search(cfg: Config, d: Path, wall: float, shared_run: bool = False) -> SearchResult:
+    """Copy a finished search out of Train checkpoint folder `d` into `<run_dir>/search/`, its
+    cost from the workers' seconds in its state and the Train run's `wall` time."""
     blob = json.loads((d / "state.json").read_text())
-    cost.worker_seconds = blob["final"]["elapsed_s"]
-    cost.eval_seconds = blob["final"].get("eval_s", 0.0)
+    cost = PhaseCost(*devices_of(cfg), blob["final"]["elapsed_s"], wall,
+                     blob["final"].get("eval_s", 0.0), shared_run)
     blob.update(cost=asdict(cost), key=cfg.search_key())
     out = cfg.run_dir / "search"
 
@@ -291,17 +290,18 @@ def run_finetune(cfg: Config, subnet: Path) -> FinetuneResult:
     result, wall = fit_phase(cfg, supervised_loop, {"train": cfg.worker_dict(),
                                                     "phase": "finetune", "init": str(subnet)},
                              f"finetune-{key}", cfg.run_dir / "ray")
-    kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
-        return store_finetune(cfg, Path(d), subnet, PhaseCost(kind, devices, 0.0, wall))
+        return store_finetune(cfg, Path(d), subnet, wall)
 
 
-def store_finetune(cfg: Config, d: Path, subnet: Path, cost: PhaseCost) -> FinetuneResult:
+def store_finetune(cfg: Config, d: Path, subnet: Path, wall: float,
+                   shared_run: bool = False) -> FinetuneResult:
     """Copy a finished fine-tune (Train checkpoint folder `d`, the subnet it started from)
-    into `<run_dir>/finetune/`; `cost` gets the worker-side seconds from its state. `cfg` is
-    the one the fine-tune ran with (`equal_training` applied)."""
+    into `<run_dir>/finetune/`, its cost as `store_search`'s. `cfg` is the one the fine-tune
+    ran with (`equal_training` applied)."""
     state = json.loads((d / "state.json").read_text())
-    cost.worker_seconds, cost.eval_seconds = state["elapsed_s"], state.get("eval_s", 0.0)
+    cost = PhaseCost(*devices_of(cfg), state["elapsed_s"], wall, state.get("eval_s", 0.0),
+                     shared_run)
     blob = {"metrics": state["metrics"], "history": state.get("history", []),
             "cost": asdict(cost), "key": cfg.finetune_key()}
     out = cfg.run_dir / "finetune"

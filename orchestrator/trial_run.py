@@ -19,10 +19,8 @@ from pathlib import Path
 from orchestrator.config import Config
 from orchestrator.phases import (
     FinetuneResult,
-    PhaseCost,
     PretrainResult,
     SearchResult,
-    devices_of,
     equal_training,
     finished_phase,
     fit_phase,
@@ -50,10 +48,8 @@ def run_trial(cfg: Config, dense: PretrainResult, callbacks: list | None = None
     result, wall = fit_phase(ft, search_loop, {"train": ft.worker_dict(), "finetune": True,
                                                "dense": str(dense.path / "model.safetensors")},
                              name, cfg.run_dir / "ray")
-    kind, devices = devices_of(cfg)
     with result.checkpoint.as_directory() as d:
         d = Path(d)
-        search = store_search(cfg, d, PhaseCost(kind, devices, 0.0, wall, shared_run=True))
-        tuned = store_finetune(ft, d / FINETUNE_DIR, d / SUBNET_DIR,
-                               PhaseCost(kind, devices, 0.0, wall, shared_run=True))
+        search = store_search(cfg, d, wall, shared_run=True)
+        tuned = store_finetune(ft, d / FINETUNE_DIR, d / SUBNET_DIR, wall, shared_run=True)
     return search, tuned

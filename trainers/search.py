@@ -88,7 +88,9 @@ def search_loop(config: dict[str, Any]) -> None:
     with worker.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None and (ckpt_dir / SUBNET_DIR).is_dir():  # already extracted
             if config.get("finetune"):
-                return _finetune(cfg, env, splits, _local_copy(ckpt_dir), ckpt_dir)
+                local = Path(tempfile.mkdtemp(prefix="search-"))  # Ray may delete ckpt_dir
+                _copy_search(ckpt_dir, local)
+                return _finetune(cfg, env, splits, local, ckpt_dir)
             final = json.loads((ckpt_dir / STATE_FILE).read_text())["final"]
             worker.report(env, final, lambda d, src=ckpt_dir: shutil.copytree(
                 src, d, dirs_exist_ok=True))
@@ -183,19 +185,19 @@ def search_loop(config: dict[str, Any]) -> None:
                                                            "params": cost.params})
         (d / STATE_FILE).write_text(json.dumps({"final": final, "history": history}))
 
-    worker.report(env, final, write)
-    if config.get("finetune"):
-        local = Path(tempfile.mkdtemp(prefix="search-"))  # every rank: its fine-tune's start
-        write(local)
-        _finetune(cfg, env, splits, local, None)
+    if not config.get("finetune"):
+        worker.report(env, final, write)
+        return
+    local = Path(tempfile.mkdtemp(prefix="search-"))  # every rank: its fine-tune's start
+    write(local)  # exported once; the checkpoint copies it
+    worker.report(env, final, lambda d: _copy_search(local, d))
+    _finetune(cfg, env, splits, local, None)
 
 
-def _local_copy(ckpt_dir: Path) -> Path:
-    """The search's result (subnet + state) out of a checkpoint folder that Ray may delete."""
-    local = Path(tempfile.mkdtemp(prefix="search-"))
-    shutil.copytree(ckpt_dir / SUBNET_DIR, local / SUBNET_DIR)
-    shutil.copy2(ckpt_dir / STATE_FILE, local / STATE_FILE)
-    return local
+def _copy_search(src: Path, dst: Path) -> None:
+    """The search's result (subnet + state) from one folder into another."""
+    shutil.copytree(src / SUBNET_DIR, dst / SUBNET_DIR, dirs_exist_ok=True)
+    shutil.copy2(src / STATE_FILE, dst / STATE_FILE)
 
 
 def _finetune(cfg: TrainConfig, env: worker.WorkerEnv, splits: Any, search_dir: Path,
@@ -204,12 +206,12 @@ def _finetune(cfg: TrainConfig, env: worker.WorkerEnv, splits: Any, search_dir: 
     no second worker-group start-up and data load per trial. Every checkpoint keeps the
     search's result beside the fine-tune's own files (`finetune/`), so a restart at any point
     finds both, and the driver reads both from the run's last checkpoint."""
-    def keep(d: Path) -> None:
-        shutil.copytree(search_dir / SUBNET_DIR, d / SUBNET_DIR, dirs_exist_ok=True)
-        shutil.copy2(search_dir / STATE_FILE, d / STATE_FILE)
-
-    train_supervised(cfg, env, splits, load_subnet(search_dir / SUBNET_DIR), cfg.finetune,
-                     "finetune", ckpt_dir, subdir=FINETUNE_DIR, keep=keep)
+    try:
+        train_supervised(cfg, env, splits, load_subnet(search_dir / SUBNET_DIR), cfg.finetune,
+                         "finetune", ckpt_dir, subdir=FINETUNE_DIR,
+                         keep=lambda d: _copy_search(search_dir, d))
+    finally:  # a worker's local copy (a temporary folder) goes with the fine-tune
+        shutil.rmtree(search_dir, ignore_errors=True)
 
 
 # per-method progress keys shown when a method reports them (OFB, UVC, SPViT)

@@ -152,8 +152,9 @@ class SearchableViT(nn.Module):
         if not deciding:
             return l1
         keep, seg, n, w = self._one_hot_layout(deciding)
-        p = torch.cat([terms[m][0] for m in deciding])  # (sum C_m,)
-        if any(m.temperature != 1.0 for m in deciding):  # the one-hot loss's own softmax
+        if all(m.temperature == 1.0 for m in deciding):  # the step's p (published T = 1)
+            p = torch.cat([terms[m][0] for m in deciding])  # (sum C_m,)
+        else:  # the one-hot loss's own softmax(alpha / T)
             p = torch.cat([m.one_hot_probs() for m in deciding])
         oh = bimask.one_hot_losses(p, keep, seg, n)  # (M,)
         return l1 + (oh * w).sum() * one_hot_weight

@@ -101,8 +101,9 @@ class OFBOptions(Section):
 
 def _one_hot(m: Any, index: int) -> torch.Tensor:
     """A choice of candidate `index` as a distribution over the module's candidates."""
-    return torch.zeros_like(m.alpha.detach()).index_fill_(0, torch.tensor([index],
-                                                           device=m.alpha.device), 1.0)
+    p = torch.zeros_like(m.alpha.detach())
+    p[index] = 1.0
+    return p
 
 
 @register_method("ofb")
@@ -206,9 +207,14 @@ class OFB(SearchMethod):
         the latency table (`search.budget_metric`); the MACs loss, its tolerance band and
         elimination's budget check all use these, so a latency budget steers the same way."""
         if self.latency is not None:
-            return sn.expected_latency(self.latency, terms), self.target_latency, \
-                self.dense_latency
-        return sn.expected_macs(terms), self.target_macs, self.dense_macs
+            return (sn.expected_latency(self.latency, terms), *self._target())
+        return (sn.expected_macs(terms), *self._target())
+
+    def _target(self) -> tuple[float, float]:
+        """(target, dense cost) in the budget's unit."""
+        if self.latency is not None:
+            return self.target_latency, self.dense_latency
+        return self.target_macs, self.dense_macs
 
     @torch.no_grad()
     def _sync(self, sn: SearchableViT) -> None:
@@ -266,7 +272,7 @@ class OFB(SearchMethod):
         choice, how = {}, "each took its most probable candidate"
         if self.opts.cap_within_budget:
             tol = self.opts.macs_tolerance
-            _, target, dense = self._budget(sn)
+            target, dense = self._target()
             cost = None if self.latency is None else (
                 lambda pick: float(sn.latency_at(self.latency, lambda m: _one_hot(m, pick(m)))))
             choice = choose_within_budget(sn, target, None if tol is None else target - tol * dense,
