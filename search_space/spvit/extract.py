@@ -15,18 +15,38 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from search_space.arch import ViTArch
+from search_space.cost import count_macs
 from search_space.spvit.supernet import SPViTSearch
 from search_space.subnet import build_from_arch
+from search_space.widths import Rounding, round_keep
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+def rounded_neurons(sn: SPViTSearch, multiple: int, limit: float) -> list[torch.Tensor]:
+    """Each block's gated-on MLP neurons, their count rounded to the nearest multiple
+    (search_space/widths.py) by the gate thresholds theta (a higher theta is further from
+    switching off); rounded down everywhere instead if nearest would cost more MACs than `limit`
+    (the budget, or the unrounded subnet's MACs if the search ended above it)."""
+    kept = sn.kept_neurons()
+    thetas = [blk.mlp.theta.detach().cpu() for blk in sn.vit.blocks]
+
+    def rounded(how: Rounding) -> list[torch.Tensor]:
+        return [round_keep(t, k, multiple, how) for t, k in zip(thetas, kept, strict=True)]
+
+    near = rounded("nearest")
+    return near if count_macs(sn.current_arch(near)) <= limit else rounded("floor")
+
+
 @torch.no_grad()
-def extract_subnet(sn: SPViTSearch) -> tuple[VisionTransformer, ViTArch]:
-    arch = sn.current_arch()
+def extract_subnet(sn: SPViTSearch, kept_neurons: list[torch.Tensor] | None = None
+                   ) -> tuple[VisionTransformer, ViTArch]:
+    """`kept_neurons`: per block, the MLP units to keep (default: those gated on)."""
+    kept_neurons = sn.kept_neurons() if kept_neurons is None else kept_neurons
+    arch = sn.current_arch(kept_neurons)
     sd = {k: v.detach().clone() for k, v in sn.vit.state_dict().items()}
     out = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
-    for i, (blk, b, kept) in enumerate(zip(sn.vit.blocks, arch.blocks, sn.kept_neurons(),
+    for i, (blk, b, kept) in enumerate(zip(sn.vit.blocks, arch.blocks, kept_neurons,
                                            strict=True)):
         p = f"blocks.{i}."
         own = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}

@@ -84,10 +84,12 @@ class SPViTSearch(nn.Module):
         return [(blk.mlp.theta.detach() > 0).nonzero().flatten().cpu()
                 for blk in self.vit.blocks]
 
-    def current_arch(self) -> ViTArch:
+    def current_arch(self, kept_neurons: list[torch.Tensor] | None = None) -> ViTArch:
+        """The architecture at the thresholds (`kept_neurons`: another choice of MLP units)."""
         a = self.dense_arch
+        kept_neurons = self.kept_neurons() if kept_neurons is None else kept_neurons
         blocks = []
-        for kind, b, kept in zip(self.kinds(), a.blocks, self.kept_neurons(), strict=True):
+        for kind, b, kept in zip(self.kinds(), a.blocks, kept_neurons, strict=True):
             heads = (b.num_heads, b.head_dim) if kind == "attn" else (0, 0)
             blocks.append(BlockArch(*heads, len(kept), mixer=kind,
                                     conv_dim=b.head_dim if kind.startswith("conv") else 0))

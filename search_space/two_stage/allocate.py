@@ -28,6 +28,8 @@ from search_space.cost import count_macs
 from search_space.prune import PrunePlan, keep_top
 from search_space.tokens import monotone_keep
 from search_space.two_stage.importance import UnitScores
+from search_space.widths import round_count
+from search_space.widths import step as _step
 
 Cost = Callable[[ViTArch], float]  # an architecture's cost in the budget's unit
 
@@ -145,10 +147,13 @@ def allocate_uniform(s: UnitScores, dense: ViTArch, target_macs: float,
 
 
 def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float,
-                       token_scores: list[torch.Tensor] | None = None) -> PrunePlan:
+                       token_scores: list[torch.Tensor] | None = None,
+                       multiple: int = 1) -> PrunePlan:
     """ViT-Slim's stage 2. With `token_scores` (per block (T,), e.g. |tanh zeta_tok|) tokens are
     a third type: positions above the token threshold, kept only while every earlier block kept
-    them too (monotone over depth), prefix tokens always (search_space/tokens.py)."""
+    them too (monotone over depth), prefix tokens always (search_space/tokens.py).
+    `multiple` > 1: each block's head_dim and MLP count is rounded to the nearest multiple
+    (search_space/widths.py) before the budget is checked, so the bisection still meets it."""
     flat_a = torch.cat([a.flatten() for a in s.attn])
     flat_m = torch.cat([m.flatten() for m in s.mlp])
     n_pre = dense.num_prefix_tokens
@@ -164,12 +169,13 @@ def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float,
             if len(h) == 0:
                 h = a.max(1).values.argmax().reshape(1)
             heads.append(h)
-            k_dims.append(max(1, round(float(above[h].float().mean()))))
+            k = max(1, round(float(above[h].float().mean())))
+            k_dims.append(round_count(k, a.shape[1], multiple))
         return heads, k_dims
 
     def plan(keep: float, keep_mlp: float) -> PrunePlan:
         tm = torch.quantile(flat_m, 1.0 - keep_mlp)
-        k_mlp = [max(1, int((m > tm).sum())) for m in s.mlp]
+        k_mlp = [round_count(max(1, int((m > tm).sum())), m.numel(), multiple) for m in s.mlp]
         p = _plan_from_counts(s, dense.embed_dim, *attn_part(keep), k_mlp)
         if flat_t is not None:
             p.tokens = monotone_keep(token_scores, torch.quantile(flat_t, 1.0 - keep), n_pre)
@@ -180,11 +186,6 @@ def allocate_threshold(s: UnitScores, dense: ViTArch, target_macs: float,
     # the MLP threshold alone then takes up the slack those steps leave below the target.
     keep_mlp = _bisect(lambda k: plan(keep, max(k, keep)).macs(dense) <= target_macs)
     return plan(keep, max(keep_mlp, keep))
-
-
-def _step(n: int, multiple: int) -> int:
-    """`multiple` if a width of n units can move in steps of it (n a larger multiple), else 1."""
-    return multiple if multiple > 1 and n % multiple == 0 and n > multiple else 1
 
 
 def _bisect(ok, iters: int = 40) -> float:

@@ -15,8 +15,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from search_space.arch import BlockArch, ViTArch
+from search_space.cost import count_macs
 from search_space.subnet import build_from_arch
-from search_space.uvc.searchable import UVCViT
+from search_space.uvc.searchable import Importance, UVCViT
+from search_space.widths import Rounding, round_keep
 
 
 @dataclass
@@ -46,6 +48,27 @@ def plan_of(sn: UVCViT) -> UVCPlan:
     dims = [[cols[i, h].nonzero().flatten().tolist() for h in hs]
             for i, hs in zip(keep, heads, strict=True)]
     return UVCPlan(keep, heads, dims, [neurons[i].nonzero().flatten().tolist() for i in keep])
+
+
+def round_plan(plan: UVCPlan, imp: Importance, multiple: int, dense: ViTArch,
+               limit: float) -> UVCPlan:
+    """`plan` with each kept head's value dims and each block's MLP neurons rounded to the
+    nearest multiple (search_space/widths.py), by the search's own importance (squared column
+    norms); rounded down everywhere instead if nearest would cost more MACs than `limit` (the
+    budget, or the unrounded plan's MACs if the search ended above it), so rounding never buys a
+    method MACs its search did not spend."""
+    c, n = imp.c.cpu(), imp.n.cpu()  # (L, H, d), (L, h): a one-off choice on the host
+
+    def rounded(how: Rounding) -> UVCPlan:
+        dims = [[round_keep(c[i, h], torch.tensor(js, dtype=torch.long), multiple,
+                            how).tolist() for h, js in zip(hs, jss, strict=True)]
+                for i, hs, jss in zip(plan.run, plan.heads, plan.dims, strict=True)]
+        neurons = [round_keep(n[i], torch.tensor(ns, dtype=torch.long), multiple,
+                              how).tolist() for i, ns in zip(plan.run, plan.neurons, strict=True)]
+        return UVCPlan(plan.run, plan.heads, dims, neurons)
+
+    near = rounded("nearest")
+    return near if count_macs(near.arch(dense)) <= limit else rounded("floor")
 
 
 @torch.no_grad()

@@ -169,3 +169,28 @@ def test_one_weight_decay_policy():
                 assert not n.endswith(("pos_embed", "cls_token", "mask_token", "alpha", ".S")), \
                     (name, n)
                 assert "zeta" not in n, (name, n)
+
+
+@pytest.mark.parametrize("name", [n for n in list_methods() if (o := get_method(n).Options)
+                                  is not None and "width_multiple" in o.model_fields])
+def test_width_multiple_is_recorded_and_rounds_the_extracted_widths(name):
+    """Every method that decides widths offers `width_multiple` (ours, off by default): with 8,
+    every width whose dense value is a multiple of 8 stays one, and the trial records it."""
+    torch.manual_seed(0)
+    dense = build_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3,
+                      num_classes=4, embed_dim=64, depth=2, num_heads=4)  # head_dim 16
+    dense_arch = ViTArch.from_timm(dense)
+    method = get_method(name)(SearchConfig(method=name, budget=0.5, epochs=1, **{
+        get_method(name).section: {"width_multiple": 8}}), 4, dense_arch, seed=7)
+    assert method.additions()[f"{method.section}.width_multiple"] == 8
+    method.setup(CPU)
+    model = method.wrap(dense)
+    opt = torch.optim.AdamW(method.param_groups(model), lr=1e-3)
+    if not method.finished(model):
+        train_one_epoch(model, _batches()[:STEPS], opt, None, CPU, grad_clip=5.0, method=method)
+    method.finalize(model, opt)
+    subnet, arch = method.extract(model)
+    widths = [arch.embed_dim] + [w for b in arch.blocks for w in (
+        b.head_dim, b.mlp_hidden, *(b.v_dims or ())) if w]
+    assert all(w % 8 == 0 for w in widths), (name, arch)
+    assert count_macs(arch) == measure_macs(subnet, arch)

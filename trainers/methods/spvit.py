@@ -26,9 +26,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from search_space.cost import cost_of, count_params
+from search_space.cost import cost_of, count_macs, count_params
 from search_space.models import unwrap
-from search_space.spvit.extract import extract_subnet
+from search_space.spvit.extract import extract_subnet, rounded_neurons
 from search_space.spvit.supernet import SPViTSearch
 from trainers.methods.base import SearchMethod, register_method
 from trainers.optim import decay_groups
@@ -43,12 +43,15 @@ class SPViTOptions(Section):
     steps (published searches run 25k+ steps; a 3-epoch search here has ~1,300). Short searches
     scale it (configs/compare_methods.yaml: 0.01), and the report names that variant."""
 
-    ADDITIONS: ClassVar[dict[str, Any]] = {"arc_lr": 1e-3}
+    ADDITIONS: ClassVar[dict[str, Any]] = {"arc_lr": 1e-3, "width_multiple": 1}
 
     arc_lr: float = Field(1e-3, gt=0, description="AdamW lr of the gate thresholds theta "
                           "(published: 1e-3 DeiT-T/-B, 5e-4 DeiT-S)")
     complexity_weight: float = Field(31.3, ge=0, description="w in w ((F - target) / F_dense)^2"
                                      "; = the published lambda x dense GMACs^2 (DeiT-T: 31.3)")
+    width_multiple: int = Field(1, ge=1, description="ours: the export rounds each block's "
+                                "gated-on MLP neurons to the nearest multiple of this (down if "
+                                "nearest costs more MACs than the budget); 1 = as published")
 
 
 @register_method("spvit")
@@ -81,7 +84,11 @@ class SPViT(SearchMethod):
         return False  # searches search.epochs (published: at most 21, architectures from 10)
 
     def extract(self, model: nn.Module):
-        return extract_subnet(unwrap(model))
+        sn: SPViTSearch = unwrap(model)
+        if self.opts.width_multiple == 1:
+            return extract_subnet(sn)
+        limit = max(self.target_macs, count_macs(sn.current_arch()))
+        return extract_subnet(sn, rounded_neurons(sn, self.opts.width_multiple, limit))
 
     def finalize(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
         m = self.metrics(model)

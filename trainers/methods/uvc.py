@@ -21,7 +21,8 @@ z is clamped at 0 like y and p (the objective's max over z >= 0); the weights' r
 schedule, weight decay) is the sweep's shared one, and the gate logits follow the shared
 weight-decay policy (not decayed; published: wd 0.05 on every parameter). Gradient clipping
 1.0 is published (`search.uvc.grad_clip`); `search.grad_clip`, if set, overrides it.
-Option of ours: `count_step: fraction` (the primal rule on s / ub, METHODS.md 3).
+Options of ours: `count_step: fraction` (the primal rule on s / ub, METHODS.md 3) and
+`width_multiple` (the export's widths rounded to a multiple, search_space/widths.py).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from pydantic import Field
 from torch import nn
 
 from search_space.arch import ViTArch
-from search_space.cost import cost_of, count_params
+from search_space.cost import cost_of, count_macs, count_params
 from search_space.models import unwrap
-from search_space.uvc.extract import extract_subnet, plan_of
+from search_space.uvc.extract import extract_subnet, plan_of, round_plan
 from search_space.uvc.primal_dual import (
     dual_ascent,
     gate_probs,
@@ -57,7 +58,7 @@ from trainers.sections import Section
 class UVCOptions(Section):
     """`search.uvc.*`: published constants (UVC/uvc_utils.py, joint_train.py, run_uvc_train.sh)."""
 
-    ADDITIONS: ClassVar[dict[str, Any]] = {"count_step": "count"}
+    ADDITIONS: ClassVar[dict[str, Any]] = {"count_step": "count", "width_multiple": 1}
 
     gate_warmup_epochs: float = Field(1, ge=0, description="blocks at half strength, gate "
                                       "logits frozen, no primal-dual step (published: 5 of 31 "
@@ -79,6 +80,10 @@ class UVCOptions(Section):
     kd_temperature: float = Field(1.0, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="published gradient-norm clip; "
                                     "search.grad_clip overrides it")
+    width_multiple: int = Field(1, ge=1, description="ours: the export rounds each head's "
+                                "value dims and each block's MLP neurons to the nearest multiple "
+                                "of this (down if nearest costs more MACs than the budget); 1 = "
+                                "as published")
 
 
 @register_method("uvc")
@@ -168,7 +173,12 @@ class UVC(SearchMethod):
                 f"parameters, {m['current_macs'] / self.dense_macs:.1%} of its MACs")
 
     def extract(self, model: nn.Module):
-        return extract_subnet(unwrap(model))
+        sn: UVCViT = unwrap(model)
+        plan, m = plan_of(sn), self.opts.width_multiple
+        if m > 1:
+            limit = max(self.target_macs, count_macs(plan.arch(self.dense_arch)))
+            plan = round_plan(plan, sn.importance(), m, self.dense_arch, limit)
+        return extract_subnet(sn, plan)
 
     def additions(self) -> dict[str, Any]:
         used = super().additions()

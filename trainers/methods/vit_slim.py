@@ -29,7 +29,7 @@ only with this project's hooks (it is no longer a plain timm ViT).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -54,11 +54,17 @@ class ViTSlimOptions(Section):
     these effective values are the defaults whatever `scaling.num_workers` is;
     `configs/vit_slim_deit_s_reference.yaml` is the 4-GPU reference command in this form."""
 
+    # ours, not of the published method: recorded with a trial that changes it
+    ADDITIONS: ClassVar[dict[str, Any]] = {"width_multiple": 1}
+
     l1_attn: float = Field(5e-5, ge=0, description="l1 weight on |zeta_attn| (effective)")
     l1_mlp: float = Field(1.25e-5, ge=0, description="l1 weight on |zeta_mlp| (effective)")
     tokens: bool = Field(False, description="also search token positions (monotone over "
                          "depth; the subnet drops pruned positions)")
     l1_tok: float = Field(2.5e-5, ge=0, description="l1 weight on |tanh zeta_tok| (effective)")
+    width_multiple: int = Field(1, ge=1, description="ours: stage 2 rounds each block's head "
+                                "dim and MLP width to the nearest multiple of this where the "
+                                "dense width is one (8: hardware-friendly); 1 = as published")
 
 
 @register_method("vit_slim")
@@ -98,7 +104,8 @@ class ViTSlim(SearchMethod):
     def _plan(self, sv: SlimViT) -> PrunePlan:
         scales = sv.token_scales()
         plan = allocate_threshold(sv.scores(), self.dense_arch, self.target_macs,
-                                  None if scales is None else [t.abs() for t in scales])
+                                  None if scales is None else [t.abs() for t in scales],
+                                  multiple=self.opts.width_multiple)
         plan.token_scale = scales
         return plan
 
