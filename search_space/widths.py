@@ -10,6 +10,7 @@ Every method's `width_multiple` option (ours, off by default) goes through `step
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -48,3 +49,28 @@ def round_keep(scores: torch.Tensor, kept: torch.Tensor, multiple: int,
     span = float(rank.max() - rank.min()) + 1.0 if n else 1.0
     rank[kept.to(torch.long)] += span
     return torch.sort(torch.topk(rank, k).indices).values
+
+
+def round_within(scores: list[torch.Tensor], kept: list[torch.Tensor], multiple: int,
+                 cost: Callable[[list[torch.Tensor]], float], limit: float
+                 ) -> list[torch.Tensor]:
+    """Round every module's kept units (`round_keep`) to the nearest multiple, then, while the
+    result costs more than `limit`, round down instead the module that rounded up with the least
+    score lost per cost saved. At worst every module is rounded down (never above the unrounded
+    cost then). `cost` prices a list of kept indices, one per module (MACs or ms)."""
+    near = [round_keep(s, k, multiple) for s, k in zip(scores, kept, strict=True)]
+    floor = [round_keep(s, k, multiple, "floor") for s, k in zip(scores, kept, strict=True)]
+    cur, total = list(near), cost(near)
+    if total <= limit:
+        return cur
+    ranked = []  # (score lost per cost saved, module) for modules that rounded up
+    for i, (s, n, f) in enumerate(zip(scores, near, floor, strict=True)):
+        if len(n) > len(f):
+            saved = total - cost(cur[:i] + [f] + cur[i + 1:])
+            lost = float(s[n].sum() - s[f].sum())
+            ranked.append((lost / max(saved, 1e-12), i))
+    for _, i in sorted(ranked):
+        cur[i] = floor[i]
+        if cost(cur) <= limit:
+            break
+    return cur

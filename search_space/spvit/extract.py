@@ -18,24 +18,19 @@ from search_space.arch import ViTArch
 from search_space.cost import count_macs
 from search_space.spvit.supernet import SPViTSearch
 from search_space.subnet import build_from_arch
-from search_space.widths import Rounding, round_keep
+from search_space.widths import round_within
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def rounded_neurons(sn: SPViTSearch, multiple: int, limit: float) -> list[torch.Tensor]:
-    """Each block's gated-on MLP neurons, their count rounded to the nearest multiple
-    (search_space/widths.py) by the gate thresholds theta (a higher theta is further from
-    switching off); rounded down everywhere instead if nearest would cost more MACs than `limit`
-    (the budget, or the unrounded subnet's MACs if the search ended above it)."""
-    kept = sn.kept_neurons()
+    """Each block's gated-on MLP neurons, their count rounded to a multiple by the gate
+    thresholds theta (a higher theta is further from switching off), nearest first, then down
+    where needed to stay within `limit` MACs (the budget, or the unrounded subnet's MACs if the
+    search ended above it)."""
     thetas = [blk.mlp.theta.detach().cpu() for blk in sn.vit.blocks]
-
-    def rounded(how: Rounding) -> list[torch.Tensor]:
-        return [round_keep(t, k, multiple, how) for t, k in zip(thetas, kept, strict=True)]
-
-    near = rounded("nearest")
-    return near if count_macs(sn.current_arch(near)) <= limit else rounded("floor")
+    return round_within(thetas, sn.kept_neurons(), multiple,
+                        lambda kept: count_macs(sn.current_arch(kept)), limit)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from search_space.arch import BlockArch, ViTArch
 from search_space.cost import count_macs
 from search_space.subnet import build_from_arch
 from search_space.uvc.searchable import Importance, UVCViT
-from search_space.widths import Rounding, round_keep
+from search_space.widths import round_within
 
 
 @dataclass
@@ -52,23 +52,24 @@ def plan_of(sn: UVCViT) -> UVCPlan:
 
 def round_plan(plan: UVCPlan, imp: Importance, multiple: int, dense: ViTArch,
                limit: float) -> UVCPlan:
-    """`plan` with each kept head's value dims and each block's MLP neurons rounded to the
-    nearest multiple (search_space/widths.py), by the search's own importance (squared column
-    norms); rounded down everywhere instead if nearest would cost more MACs than `limit` (the
-    budget, or the unrounded plan's MACs if the search ended above it), so rounding never buys a
-    method MACs its search did not spend."""
+    """`plan` with each kept head's value dims and each block's MLP neurons rounded to a
+    multiple by the search's own importance (squared column norms), nearest first, then down
+    where needed to stay within `limit` MACs (the budget, or the unrounded plan's MACs if the
+    search ended above it: rounding never buys a method MACs its search did not spend)."""
     c, n = imp.c.cpu(), imp.n.cpu()  # (L, H, d), (L, h): a one-off choice on the host
+    scores = [c[i, h] for i, hs in zip(plan.run, plan.heads, strict=True) for h in hs]
+    kept = [torch.tensor(js, dtype=torch.long) for jss in plan.dims for js in jss]
+    scores += [n[i] for i in plan.run]
+    kept += [torch.tensor(ns, dtype=torch.long) for ns in plan.neurons]
+    n_heads = [len(hs) for hs in plan.heads]
 
-    def rounded(how: Rounding) -> UVCPlan:
-        dims = [[round_keep(c[i, h], torch.tensor(js, dtype=torch.long), multiple,
-                            how).tolist() for h, js in zip(hs, jss, strict=True)]
-                for i, hs, jss in zip(plan.run, plan.heads, plan.dims, strict=True)]
-        neurons = [round_keep(n[i], torch.tensor(ns, dtype=torch.long), multiple,
-                              how).tolist() for i, ns in zip(plan.run, plan.neurons, strict=True)]
-        return UVCPlan(plan.run, plan.heads, dims, neurons)
+    def as_plan(units: list[torch.Tensor]) -> UVCPlan:
+        it = iter(u.tolist() for u in units)
+        dims = [[next(it) for _ in range(k)] for k in n_heads]
+        return UVCPlan(plan.run, plan.heads, dims, [next(it) for _ in plan.run])
 
-    near = rounded("nearest")
-    return near if count_macs(near.arch(dense)) <= limit else rounded("floor")
+    return as_plan(round_within(scores, kept, multiple,
+                                lambda u: count_macs(as_plan(u).arch(dense)), limit))
 
 
 @torch.no_grad()

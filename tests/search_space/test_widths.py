@@ -96,8 +96,15 @@ def test_spvit_rounded_neurons_within_the_limit():
     kept = rounded_neurons(sn, 8, limit=before * 1.05)
     assert [len(k) for k in kept] == [120, 56, 128]  # nearest: 4 neurons more
     assert count_macs(sn.current_arch(kept)) <= before * 1.05
-    floor = rounded_neurons(sn, 8, limit=before)  # nearest costs more: all rounded down
-    assert [len(k) for k in floor] == [112, 56, 120]
-    sub, arch = spvit_extract(sn, floor)
-    assert [b.mlp_hidden for b in arch.blocks] == [112, 56, 120]
+    # within the unrounded MACs: one block that rounded up goes down instead, the one whose
+    # dropped units have the lowest thresholds (block 0's are made the strongest here)
+    with torch.no_grad():
+        sn.vit.blocks[0].mlp.theta[11:] = 3.0
+    fit = rounded_neurons(sn, 8, limit=before)
+    assert [len(k) for k in fit] == [120, 56, 120]
+    assert count_macs(sn.current_arch(fit)) <= before
+    sub, arch = spvit_extract(sn, fit)
+    assert [b.mlp_hidden for b in arch.blocks] == [120, 56, 120]
     assert count_macs(arch) == measure_macs(sub, arch)
+    every = rounded_neurons(sn, 8, limit=0)  # nothing fits: every block rounded down
+    assert [len(k) for k in every] == [112, 56, 120]

@@ -50,8 +50,8 @@ class SPViTOptions(Section):
     complexity_weight: float = Field(31.3, ge=0, description="w in w ((F - target) / F_dense)^2"
                                      "; = the published lambda x dense GMACs^2 (DeiT-T: 31.3)")
     width_multiple: int = Field(1, ge=1, description="ours: the export rounds each block's "
-                                "gated-on MLP neurons to the nearest multiple of this (down if "
-                                "nearest costs more MACs than the budget); 1 = as published")
+                                "gated-on MLP neurons to the nearest multiple of this (then down "
+                                "where it would cost more MACs than the budget); 1 = as published")
 
 
 @register_method("spvit")

@@ -82,8 +82,8 @@ class UVCOptions(Section):
                                     "search.grad_clip overrides it")
     width_multiple: int = Field(1, ge=1, description="ours: the export rounds each head's "
                                 "value dims and each block's MLP neurons to the nearest multiple "
-                                "of this (down if nearest costs more MACs than the budget); 1 = "
-                                "as published")
+                                "of this (then down where it would cost more MACs than the "
+                                "budget); 1 = as published")
 
 
 @register_method("uvc")
