@@ -90,6 +90,13 @@ def preflight(cfg: Config) -> None:
           f"{c.mparams:.2f} M params", flush=True)
     # built as the workers build it, then compared with the model they build
     splits = build_splits(cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
+    if cfg.data.dataset == "imagefolder":
+        from trainers.image_files import verify_image_folder
+
+        t0 = time.perf_counter()
+        n = verify_image_folder(cfg.data.root)
+        print(f"[run] data {cfg.data.root}: {n} image headers read in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
     check_fits(splits, arch.in_chans, arch.img_size, arch.num_classes)
     val = len(splits.val) if splits.val is not None else 0
     print(f"[run] data {cfg.data.dataset}: {len(splits.train)} train / {val} val / "
@@ -97,6 +104,10 @@ def preflight(cfg: Config) -> None:
           flush=True)
     if cfg.pipeline == "search" and cfg.search.budget_metric == "latency":
         resolve_latency_table(cfg, arch)
+    if cfg.pipeline == "search":
+        from orchestrator.budget_check import check_budgets
+
+        check_budgets(cfg, arch)
     if cfg.pipeline == "search":
         from orchestrator.tracking import check_store
 

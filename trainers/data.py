@@ -28,6 +28,9 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from trainers.errors import DataError
+from trainers.image_files import image_folder
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -46,10 +49,6 @@ class DataSplits:
     in_chans: int
     num_classes: int
     img_size: int
-
-
-class DataError(ValueError):
-    """The data folder is missing, incomplete or not in the expected format."""
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -174,7 +173,6 @@ def imagefolder(root: str | None, cfg: Any, seed: int, img_size: int | None = No
 
     Images are resized to the model's `img_size` (default 224) and read as `in_chans` channels
     (1: grayscale, 3: RGB), so any folder fits the model it is trained with."""
-    from torchvision import datasets
     from torchvision.transforms import v2
 
     if root is None:
@@ -193,10 +191,10 @@ def imagefolder(root: str | None, cfg: Any, seed: int, img_size: int | None = No
                            v2.Normalize(mean, std)])
     eval_tf = v2.Compose([v2.Resize(int(size / 0.875)), v2.CenterCrop(size), *to_float,
                           v2.Normalize(mean, std)])
-    train_all = datasets.ImageFolder(folder / "train", train_tf if cfg.augment else eval_tf)
-    train_eval = datasets.ImageFolder(folder / "train", eval_tf)
+    train_all = image_folder(folder, "train", train_tf if cfg.augment else eval_tf)
+    train_eval = image_folder(folder, "train", eval_tf)
     train, val = _split_val(train_all, cfg.val_fraction, seed, train_eval)
-    test = datasets.ImageFolder(folder / "val", eval_tf)
+    test = image_folder(folder, "val", eval_tf)
     if test.classes != train_all.classes:  # labels are class indices: both must agree
         raise DataError(f"data.root={str(folder)!r}: val/ holds classes {test.classes} but "
                         f"train/ holds {train_all.classes}; give both the same class folders")

@@ -12,12 +12,15 @@ Candidate lists (METHODS.md section 1, with our choice for small head counts):
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 
 from search_space import groups
+from search_space.arch import BlockArch, ViTArch
 from search_space.ofb import bimask
 from search_space.ofb.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
 from search_space.slicing import along, slice_param_
@@ -31,6 +34,24 @@ def head_candidates(H: int) -> list[int]:
 
 def dim_candidates(d: int, multiple: int = 1) -> list[int]:
     return linear_candidates(d, 0.25, max(d // 8, 1), multiple)
+
+
+def mlp_candidates(h: int, multiple: int = 1) -> list[int]:
+    return linear_candidates(h, 0.25, h // 8, multiple)
+
+
+def embed_candidates(D: int, multiple: int = 1) -> list[int]:
+    return linear_candidates(D, 0.5, min(max(D // 32, 1), 12), multiple)
+
+
+def smallest_arch(dense: ViTArch, multiple: int = 1) -> ViTArch:
+    """Every module at its narrowest candidate: the smallest subnet OFB can reach (its budget
+    floor), from the same candidate rules the supernet is built with."""
+    blocks = tuple(BlockArch(min(head_candidates(b.num_heads)),
+                             min(dim_candidates(b.head_dim, multiple)),
+                             min(mlp_candidates(b.mlp_hidden, multiple))) for b in dense.blocks)
+    return replace(dense, embed_dim=min(embed_candidates(dense.embed_dim, multiple)),
+                   blocks=blocks)
 
 
 class SearchableAttention(SearchableMixin, Attention):
@@ -167,7 +188,7 @@ class SearchableMlp(VectorUnits, Mlp):
                   device=dev)
         new.load_state_dict(mlp.state_dict())
         h = mlp.fc1.out_features
-        new._init_widths(linear_candidates(h, 0.25, h // 8, multiple), dev)
+        new._init_widths(mlp_candidates(h, multiple), dev)
         return new
 
     def _slice_units(self, optimizer) -> None:

@@ -30,8 +30,8 @@ from search_space import groups
 from search_space.arch import BlockArch, ViTArch
 from search_space.cost import attn_macs, mlp_macs, stem_head_macs
 from search_space.ofb import bimask
-from search_space.ofb.modules import SearchableAttention, SearchableMlp
-from search_space.ofb.searchable import SearchableMixin, VectorUnits, linear_candidates, topk_units
+from search_space.ofb.modules import SearchableAttention, SearchableMlp, embed_candidates
+from search_space.ofb.searchable import SearchableMixin, VectorUnits, topk_units
 from search_space.slicing import along, slice_param_
 
 
@@ -51,7 +51,7 @@ class SearchablePatchEmbed(VectorUnits, PatchEmbed):
             raise ValueError("searchable patch embedding does not support a norm layer")
         new.load_state_dict(pe.state_dict())
         D = pe.proj.out_channels
-        new._init_widths(linear_candidates(D, 0.5, min(max(D // 32, 1), 12), multiple), dev)
+        new._init_widths(embed_candidates(D, multiple), dev)
         return new
 
     def _slice_units(self, optimizer) -> None:

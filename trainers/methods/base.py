@@ -42,14 +42,16 @@ subclass; the config then validates `search.<section>.*` with it, and `self.opts
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search_space.arch import ViTArch
+from search_space.arch import BlockArch, ViTArch
 from search_space.cost import count_macs
 from search_space.models import unwrap
 from trainers.optim import decay_groups
@@ -95,6 +97,42 @@ class SearchMethod(abc.ABC):
         if metric not in cls.budget_metrics:
             raise ValueError(f"search.budget_metric={metric!r} is not supported by "
                              f"search.method={cls.name!r}; it supports {list(cls.budget_metrics)}")
+
+    # --- the budget's range ----------------------------------------------------------------
+    def smallest_arch(self) -> ViTArch | None:
+        """The smallest subnet this method can reach from `dense_arch`: its budget floor,
+        checked before Ray starts (`check_budget`). None: no floor is known or the budget does
+        not shape the subnet. Default: every block keeps one head of one dim and one MLP unit,
+        the embedding whole."""
+        return replace(self.dense_arch, blocks=tuple(BlockArch(1, 1, 1)
+                                                     for _ in self.dense_arch.blocks))
+
+    def check_budget(self) -> None:
+        """Refuse a target below the smallest reachable subnet or above the dense model (a
+        ValueError naming the value and the allowed range), in the budget's unit."""
+        small = self.smallest_arch()
+        if small is None:
+            return
+        if self.latency is not None:
+            fmt = "{:.3f} ms per batch".format
+            floor, dense = self.latency.of_arch(small), self.dense_latency
+            target = self.target_latency
+        else:
+            fmt = lambda m: f"{m / 1e6:.3f} M MACs"  # noqa: E731
+            floor, dense, target = count_macs(small), self.dense_macs, self.target_macs
+        asked = (f"search.target_gmacs={self.cfg.target_gmacs:g}" if self.cfg.target_gmacs
+                 else f"search.budget={self.cfg.budget:g}")
+        lo = math.ceil(floor / dense * 1000) / 1000
+        allowed = (f"search.target_gmacs in [{floor / 1e9:.6g}, {dense / 1e9:.6g}]"
+                   if self.cfg.target_gmacs else f"search.budget in [{lo:g}, 1]")
+        if target < floor:
+            raise ValueError(
+                f"{asked} asks for {fmt(target)}, below the smallest subnet "
+                f"search.method={self.name!r} can reach from this model ({fmt(floor)}, "
+                f"{floor / dense:.1%} of the dense {fmt(dense)}); allowed: {allowed}")
+        if target > dense * (1 + 1e-9):
+            raise ValueError(f"{asked} asks for {fmt(target)}, above the dense model's "
+                             f"{fmt(dense)}; allowed: {allowed}")
 
     # --- required ------------------------------------------------------------------------
     @abc.abstractmethod

@@ -20,6 +20,9 @@ class DenseControl(SearchMethod):
         super().__init__(cfg, steps_per_epoch, dense_arch, seed)
         self.target_macs = self.dense_macs  # its budget is the dense model: 100%
 
+    def smallest_arch(self) -> None:
+        return None  # the budget does not shape the control: it is the dense model
+
     def wrap(self, dense: nn.Module) -> nn.Module:
         return dense
 

@@ -53,6 +53,7 @@ from search_space.models import unwrap
 from search_space.ofb import bimask, pmim
 from search_space.ofb.cap import choose_within_budget
 from search_space.ofb.extract import extract_subnet
+from search_space.ofb.modules import smallest_arch
 from search_space.ofb.supernet import SearchableViT
 from trainers.methods.base import SearchMethod, register_method
 from trainers.optim import decay_groups
@@ -284,6 +285,9 @@ class OFB(SearchMethod):
         sn.freeze_decoder()
         return (f"search reached its epoch cap with {len(open_)} undecided module(s) "
                 f"({', '.join(open_)}); {how}")
+
+    def smallest_arch(self) -> ViTArch:
+        return smallest_arch(self.dense_arch, self.opts.width_multiple)  # narrowest candidates
 
     def extract(self, model):
         return extract_subnet(unwrap(model))

@@ -20,12 +20,14 @@ conv paths folded from the searched weights (search_space/spvit/extract.py).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from search_space.arch import BlockArch, ViTArch
 from search_space.cost import cost_of, count_macs, count_params
 from search_space.models import unwrap
 from search_space.spvit.extract import extract_subnet, rounded_neurons
@@ -89,6 +91,11 @@ class SPViT(SearchMethod):
             return extract_subnet(sn)
         limit = max(self.target_macs, count_macs(sn.current_arch()))
         return extract_subnet(sn, rounded_neurons(sn, self.opts.width_multiple, limit))
+
+    def smallest_arch(self) -> ViTArch:
+        """Every mixer off and every neuron gated off: stem and head only."""
+        a = self.dense_arch
+        return replace(a, blocks=tuple(BlockArch(0, 0, 0, mixer="none") for _ in a.blocks))
 
     def finalize(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
         m = self.metrics(model)

@@ -12,17 +12,19 @@ workers before scoring, so every worker computes the same plan.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from search_space.arch import ViTArch
+from search_space.arch import BlockArch, ViTArch
 from search_space.models import unwrap
 from search_space.prune import apply_plan
 from search_space.two_stage.allocate import allocate_global, allocate_uniform
 from search_space.two_stage.importance import elementwise, finalize_scores, group_scores
+from search_space.widths import step
 from trainers.methods.base import SearchMethod, register_method
 from trainers.optim import decay_groups
 from trainers.sections import Section
@@ -92,6 +94,14 @@ class TwoStage(SearchMethod):
             plan = allocate(scores, self.dense_arch, self.target_macs, self.opts.prune_embed,
                             multiple=m)
         return apply_plan(vit, plan)
+
+    def smallest_arch(self) -> ViTArch:
+        """Every module down to one move's worth of units (the allocators keep at least that)."""
+        a, m = self.dense_arch, self.opts.width_multiple
+        return replace(a, embed_dim=step(a.embed_dim, m) if self.opts.prune_embed else
+                       a.embed_dim, blocks=tuple(BlockArch(1, step(b.head_dim, m),
+                                                           step(b.mlp_hidden, m))
+                                                 for b in a.blocks))
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         return {"target_macs": self.target_macs, "scored_batches": self.batches}

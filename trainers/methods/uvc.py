@@ -28,13 +28,14 @@ Options of ours: `count_step: fraction` (the primal rule on s / ub, METHODS.md 3
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from search_space.arch import ViTArch
+from search_space.arch import BlockArch, ViTArch
 from search_space.cost import cost_of, count_macs, count_params
 from search_space.models import unwrap
 from search_space.uvc.extract import extract_subnet, plan_of, round_plan
@@ -179,6 +180,12 @@ class UVC(SearchMethod):
             limit = max(self.target_macs, count_macs(plan.arch(self.dense_arch)))
             plan = round_plan(plan, sn.importance(), m, self.dense_arch, limit)
         return extract_subnet(sn, plan)
+
+    def smallest_arch(self) -> ViTArch:
+        """One block runs (hard gates never skip them all), keeping one head (q, k at full
+        head_dim) with one value dim and one MLP neuron."""
+        a = self.dense_arch
+        return replace(a, blocks=(BlockArch(1, a.blocks[0].head_dim, 1, v_dims=(1,)),))
 
     def additions(self) -> dict[str, Any]:
         used = super().additions()

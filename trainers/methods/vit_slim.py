@@ -29,17 +29,19 @@ only with this project's hooks (it is no longer a plain timm ViT).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from search_space.arch import ViTArch
+from search_space.arch import BlockArch, ViTArch
 from search_space.models import unwrap
 from search_space.prune import PrunePlan, apply_plan
 from search_space.slim.multipliers import SlimViT
 from search_space.two_stage.allocate import allocate_threshold
+from search_space.widths import step
 from trainers.methods.base import SearchMethod, register_method
 from trainers.optim import decay_groups
 from trainers.sections import Section
@@ -108,6 +110,16 @@ class ViTSlim(SearchMethod):
                                   multiple=self.opts.width_multiple)
         plan.token_scale = scales
         return plan
+
+    def smallest_arch(self) -> ViTArch | None:
+        """One head of one dim (a step of `width_multiple`) and one MLP unit per block, the
+        embedding whole; None with token multipliers (dropped positions lower the floor
+        further, by an amount the search decides)."""
+        if self.opts.tokens:
+            return None
+        a, m = self.dense_arch, self.opts.width_multiple
+        return replace(a, blocks=tuple(BlockArch(1, step(b.head_dim, m), step(b.mlp_hidden, m))
+                                       for b in a.blocks))
 
     def extract(self, model: nn.Module) -> tuple[nn.Module, ViTArch]:
         sv: SlimViT = copy.deepcopy(unwrap(model))
