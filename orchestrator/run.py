@@ -82,8 +82,11 @@ def preflight(cfg: Config) -> None:
 
     check_machine_fits(cfg)
     model = build_dense(cfg, device="meta", pretrained=False)
-    if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).expanduser().is_file():
-        raise ConfigError(f"model.pretrained_file={cfg.model.pretrained_file!r} does not exist")
+    if cfg.model.pretrained_file:  # loaded once here: a bad file is named before Ray starts
+        if not Path(cfg.model.pretrained_file).expanduser().is_file():
+            raise ConfigError(f"model.pretrained_file={cfg.model.pretrained_file!r} does not "
+                              "exist")
+        build_dense(cfg, device="cpu", pretrained=True)
     arch = ViTArch.from_timm(model)
     c = cost_of(arch)
     print(f"[run] model {cfg.model.name}: {c.gmacs * 1e3:.1f} M MACs/image, "

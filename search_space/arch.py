@@ -14,6 +14,7 @@ search_space/mixers.py's job (mixers imports arch, never the other way round at 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -52,6 +53,8 @@ class BlockArch:
             raise ValueError(f"{where}: mlp_hidden must be >= 0 (0 = no MLP branch), "
                              f"got {self.mlp_hidden}")
         if self.mixer == "attn":
+            if isinstance(self.head_dim, int) and self.head_dim < 1:
+                raise ValueError(f"{where}: head_dim must be >= 1, got {self.head_dim}")
             if self.num_heads < 1:
                 raise ValueError(f"{where}: num_heads must be >= 1, got {self.num_heads} "
                                  "(use mixer='none' to remove the attention branch)")
@@ -74,6 +77,24 @@ class BlockArch:
             raise ValueError(f"{where}: conv_dim must be >= 1, got {self.conv_dim}")
         if self.mixer == "none" and self.conv_dim != 0:
             raise ValueError(f"{where}: conv_dim must be 0, got {self.conv_dim}")
+
+    @classmethod
+    def from_dict(cls, b: dict[str, Any]) -> BlockArch:
+        """A block from arch.json, refusing unknown fields and non-integer widths by name."""
+        if not isinstance(b, dict):
+            raise ValueError(f"a block must be a JSON object, got {b!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(b) - fields)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; allowed: {sorted(fields)}")
+        for k in ("num_heads", "head_dim", "mlp_hidden", "conv_dim"):
+            if k in b and (not isinstance(b[k], int) or isinstance(b[k], bool)):
+                raise ValueError(f"{k} must be an integer, got {b[k]!r}")
+        v = b.get("v_dims")
+        if v is not None and (not isinstance(v, list | tuple) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            raise ValueError(f"v_dims must be null or a list of integers, got {v!r}")
+        return cls(**{**b, "v_dims": None if v is None else tuple(v)})
 
     @property
     def attn_dim(self) -> int:
@@ -148,9 +169,7 @@ class ViTArch:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTArch:
         d = dict(d)
-        d["blocks"] = tuple(
-            BlockArch(**{**b, "v_dims": None if b.get("v_dims") is None else tuple(b["v_dims"])})
-            for b in d["blocks"])
+        d["blocks"] = tuple(BlockArch.from_dict(b) for b in d["blocks"])
         if d.get("tokens") is not None:
             d["tokens"] = tuple(tuple(int(u) for u in t) for t in d["tokens"])
         return cls(**d)

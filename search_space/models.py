@@ -8,6 +8,7 @@ head/in_chans adaptation all apply.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -78,17 +79,56 @@ def build_vit(
         if head is not None:  # keep the file's head when its class count is the model's
             overlay["num_classes"] = head
         kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
-    if device is not None:
-        with torch.device(device):
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             model = timm.create_model(name, **kwargs)
-    else:
-        model = timm.create_model(name, **kwargs)
+    except Exception as e:
+        if pretrained_file is None:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        why = _shape_mismatch(Path(pretrained_file).expanduser(), name, overrides) or \
+            f"{type(e).__name__}: {first}"
+        raise ValueError(f"model.pretrained_file={str(pretrained_file)!r} cannot be loaded into "
+                         f"model.name={name!r} with {overrides or 'its defaults'}: {why} (a "
+                         "truncated or corrupt file, or weights of another model)") from e
     if not isinstance(model, VisionTransformer):
         raise ValueError(
             f"model.name={name!r} builds a {type(model).__name__}; only timm VisionTransformer "
             "models (vit_*, deit_*) are searchable"
         )
     return model
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a weights file without reading its data ({} if unreadable)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        sd = torch.load(path, map_location="meta", weights_only=True)
+        sd = sd.get("model", sd.get("state_dict", sd)) if isinstance(sd, dict) else {}
+        return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    except Exception:  # noqa: BLE001 - the caller reports the loader's own error instead
+        return {}
+
+
+def _shape_mismatch(path: Path, name: str, overrides: dict[str, Any]) -> str | None:
+    """The first tensor whose shape differs between the file and the model asked for (timm's
+    own message can blame the input channels for a width mismatch). Tensors timm adapts on
+    load (patch projection channels, position embedding, head) are not compared."""
+    got = _file_shapes(path)
+    if not got:
+        return None
+    with torch.device("meta"):
+        want = timm.create_model(name, **overrides).state_dict()
+    for k, v in want.items():
+        if k in got and got[k] != tuple(v.shape) and not k.startswith(
+                ("pos_embed", "patch_embed.proj.", "head.")):
+            return (f"{k!r} is {list(got[k])} in the file but {list(v.shape)} in the model "
+                    "(its width, depth or heads differ from model.*)")
+    return None
 
 
 def _head_classes(path: Path) -> int | None:

@@ -11,15 +11,19 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from search_space.arch import ViTArch
+from search_space.arch import BlockArch, ViTArch
 from search_space.mixers import build_block_
 from search_space.tokens import install_token_pruning
+from search_space.weights import check_fits, read_state_dict
 
 ARCH_FILE, WEIGHTS_FILE, ONNX_FILE = "arch.json", "model.safetensors", "model.onnx"
+# arch.json's format: raised when a change would make older readers misread a file; a reader
+# refuses a newer one instead of guessing (files without the key are format 1)
+ARCH_FORMAT = 1
 
 
 def build_from_arch(arch: ViTArch, device: str | torch.device | None = None) -> VisionTransformer:
@@ -50,22 +54,54 @@ def export_subnet(model: nn.Module, arch: ViTArch, folder: str | Path,
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
               str(folder / WEIGHTS_FILE))
-    blob = {"arch": arch.to_dict(), **(extra or {})}
-    (folder / ARCH_FILE).write_text(json.dumps(blob, indent=2, sort_keys=True))
+    (folder / ARCH_FILE).write_text(arch_json(arch.to_dict(), extra))
     return folder
+
+
+def arch_json(arch: dict, extra: dict | None = None) -> str:
+    """arch.json's text: `{"arch": {...}, "format": ARCH_FORMAT, ...extra}`."""
+    return json.dumps({"arch": arch, "format": ARCH_FORMAT, **(extra or {})}, indent=2,
+                      sort_keys=True)
 
 
 def read_arch(folder: str | Path) -> ViTArch:
     """The architecture in a folder's arch.json: `{"arch": {...ViTArch...}, ...extra}` (every
-    subnet, checkpoint and dense cache writes this), or a bare ViTArch dict (older caches)."""
+    subnet, checkpoint and dense cache writes this), or a bare ViTArch dict (older caches).
+    A file that is not JSON, comes from a newer format, or holds a value a block cannot have
+    is refused naming the file, the block and the field."""
     path = Path(folder) / ARCH_FILE
-    blob = json.loads(path.read_text())
+    try:
+        blob = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable arch.json ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(blob).__name__}")
+    fmt = blob.get("format", 1)
+    if not isinstance(fmt, int) or fmt > ARCH_FORMAT:
+        raise ValueError(f"{path}: arch.json format {fmt!r} is newer than this version reads "
+                         f"(up to {ARCH_FORMAT}); update ofb-orchestrator to load this subnet")
     if isinstance(blob.get("arch"), dict):
         blob = blob["arch"]
     elif "blocks" not in blob:
         raise ValueError(f"{path}: expected {{'arch': {{...}}}} or a ViTArch dict with "
                          f"'blocks', got keys {sorted(blob)}")
-    return ViTArch.from_dict(blob)
+    return _arch_from(blob, path)
+
+
+def _arch_from(d: dict, path: Path) -> ViTArch:
+    blocks = d.get("blocks")
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError(f"{path}: arch.blocks must be a non-empty list of blocks, got {blocks!r}")
+    for i, b in enumerate(blocks):
+        try:
+            BlockArch.from_dict(b)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: arch.blocks[{i}] = {b!r} is not a valid block: {e}"
+                             ) from None
+    try:
+        return ViTArch.from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: arch is not a valid architecture: {e}") from None
 
 
 def load_subnet(folder: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
@@ -78,8 +114,11 @@ def load_subnet(folder: str | Path, device: str | torch.device = "cpu") -> Visio
     for f in (ARCH_FILE, WEIGHTS_FILE):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"{folder} is not a subnet folder: {f} is missing")
-    model = build_from_arch(read_arch(folder), device=device)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(device)))
+    arch = read_arch(folder)
+    model = build_from_arch(arch, device=device)
+    sd = read_state_dict(folder / WEIGHTS_FILE, device)
+    check_fits(model, sd, folder / WEIGHTS_FILE, arch)
+    model.load_state_dict(sd)
     return model.eval()
 
 

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from search_space.subnet import arch_json
+from search_space.weights import load_checked
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, ARCH_FILE, METHOD_FILE = (
     "model.safetensors", "optimizer.pt", "state.json", "arch.json", "method.pt")
@@ -30,7 +33,8 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
-    model.load_state_dict(load_file(str(path)), strict=strict)
+    """A corrupt or foreign file is refused naming it (search_space/weights.py)."""
+    load_checked(model, path, strict=strict)
 
 
 def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
@@ -47,7 +51,7 @@ def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
         torch.save(blob, folder / OPTIM_FILE)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
     if arch is not None:
-        (folder / ARCH_FILE).write_text(json.dumps({"arch": arch}, indent=2, sort_keys=True))
+        (folder / ARCH_FILE).write_text(arch_json(arch))
     if method_state is not None:
         torch.save(method_state, folder / METHOD_FILE)
     return folder
@@ -56,7 +60,16 @@ def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
 def load_method_state(folder: str | Path) -> dict[str, Any]:
     """A search method's checkpointed state ({} when the checkpoint has none)."""
     f = Path(folder) / METHOD_FILE
-    return torch.load(f, weights_only=True, map_location="cpu") if f.exists() else {}
+    return _torch_load(f) if f.exists() else {}
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True (never unpickles code); a corrupt file is named."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - zip, pickle and torch errors alike
+        raise ValueError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: {e}); "
+                         "it is truncated, corrupt or of another format") from None
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module,
@@ -74,8 +87,12 @@ def load_training_state(folder: str | Path, optimizer: torch.optim.Optimizer | N
     (a search loads them through its method, which first reshapes the supernet)."""
     folder = Path(folder)
     if optimizer is not None and (folder / OPTIM_FILE).exists():
-        blob = torch.load(folder / OPTIM_FILE, weights_only=True, map_location="cpu")
+        blob = _torch_load(folder / OPTIM_FILE)
         optimizer.load_state_dict(blob["optimizer"])
         if scheduler is not None and "scheduler" in blob:
             scheduler.load_state_dict(blob["scheduler"])
-    return json.loads((folder / STATE_FILE).read_text())
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{folder / STATE_FILE}: cannot read this checkpoint's state "
+                         f"({type(e).__name__}: {e}); it is truncated or corrupt") from None

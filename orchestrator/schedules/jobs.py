@@ -11,6 +11,7 @@ its workers, which Ray refuses to merge (G2).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from orchestrator.ray_setup import WORKER_ENV
 from orchestrator.schedules.slots import submission_id
 
 STOP_ENV = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "120"}
+# env var names refused in a job's runtime env (visible in the dashboard and the job list)
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_KEY",
+                         re.I)
 EXCLUDES = ["runs/", "*.db", "mlruns/", ".venv/", ".git/", "__pycache__/"]
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,6 +85,11 @@ def job_spec(cfg: Config, config_file: str | None, overrides: list[str], schedul
     named `adhoc-<slot>` and keeps no ledger). A scheduled job runs `orchestrator.run --schedule
     S --slot X`, so its driver takes over the ledger entry and names its run after the slot;
     `dry_run` makes the job only validate its config (the wiring, checked without training)."""
+    secret = sorted(k for k in extra_env or {} if SECRET_NAME.search(k))
+    if secret:
+        raise ConfigError(f"env vars {secret} look like secrets; a job's runtime env is shown "
+                          "to anyone who can read the Ray dashboard or `ray job list`: give "
+                          "secrets to the cluster's nodes (their environment or a file) instead")
     clash = sorted(set(extra_env or {}) & set(WORKER_ENV))
     if clash:
         raise ConfigError(f"env vars {clash} are set by the orchestrator for its workers; a job "

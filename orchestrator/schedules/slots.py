@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 SLOT_FORMAT = "%Y%m%dT%H%MZ"
 
@@ -42,9 +42,16 @@ def submission_id(schedule: str, slot: str, attempt: int) -> str:
 
 
 def check_cron(expr: str) -> str:
+    """A valid 5-field cron that fires at least once (croniter accepts '0 0 30 2 *', which
+    never does: a schedule of it would wait forever, silently)."""
     if len(expr.split()) != 5 or not croniter.is_valid(expr):
         raise ValueError(f"cron {expr!r} is not a valid 5-field cron expression "
                          "(minute hour day-of-month month day-of-week, e.g. '0 2 * * *')")
+    try:
+        croniter(expr, datetime(2000, 1, 1)).get_next(datetime)
+    except CroniterBadDateError:
+        raise ValueError(f"cron {expr!r} never fires (no such date, e.g. 30 February or "
+                         "31 April); give a day that exists in the month(s) named") from None
     return expr
 
 
