@@ -38,7 +38,7 @@ bench: install data  ## benchmark scripts: print measured ratios (not tests)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/search_overhead.py
 	$(PY) bench/search_overhead.py --img-size 224 --patch-size 28 --batch 32 --steps 10
-	$(PY) bench/realized_speed.py --threads 1
+	$(PY) bench/realized_speed.py --threads 1 --rounds 10
 	$(PY) bench/trial_overhead.py
 	$(PY) bench/syncs.py
 
