@@ -14,10 +14,15 @@ trials are kept, unfinished ones resume. The Optuna study lives in an SQLite fil
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +167,58 @@ def _search_alg(cfg: Config, sweep_dir: Path):
         or None, sampler=sampler, study_name=cfg.name, storage=storage, seed=None)
 
 
+class SweepBusyError(SystemExit):
+    """Another process is running a sweep in the same folder. A SystemExit so that
+    `python -m orchestrator.run` stops with this one line instead of a traceback."""
+
+
+LOCK_FILE = ".sweep.lock"
+_HELD: set[Path] = set()  # folders this process holds (the lock is reentrant)
+
+
+@contextmanager
+def sweep_lock(sweep_dir: Path) -> Iterator[None]:
+    """Hold the sweep folder for this process. Two sweeps in one folder would share its Tune
+    experiment, Optuna study and results.parquet; the second is refused naming the first.
+    An flock: the kernel releases it when the holder ends, however (a SIGKILLed sweep's rerun
+    is never refused), and fds are not inherited by the processes Ray starts."""
+    if sweep_dir in _HELD:
+        yield
+        return
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    f = open(sweep_dir / LOCK_FILE, "a+")  # held until the sweep ends
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown process"
+        f.close()
+        raise SweepBusyError(
+            f"error: {sweep_dir} is in use by another sweep ({holder}); wait for it to end, or "
+            "give this one another name (name=...) or output_dir") from None
+    _HELD.add(sweep_dir)
+    try:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\n")
+        f.flush()
+        yield
+    finally:
+        _HELD.discard(sweep_dir)
+        f.close()  # releases the lock
+
+
 def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -> list[dict]:
-    """Run (or resume) the sweep; returns one row per finished trial (`TrialRecord.row()`)."""
+    """Run (or resume) the sweep; returns one row per finished trial (`TrialRecord.row()`).
+    Refused (SweepBusyError) while another process runs a sweep in the same folder."""
     if cfg.sweep is None:
         raise ValueError("run_sweep needs a config with a `sweep` section")
+    with sweep_lock(cfg.run_dir):
+        return _run_sweep(cfg, dense, resources)
+
+
+def _run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -> list[dict]:
     sweep_dir = cfg.run_dir
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=cfg.model_dump(), dense_dir=str(dense.path),
                              trials_dir=str(sweep_dir / "trials")),
@@ -230,11 +281,7 @@ def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -
             continue
         records.append(TrialRecord.from_tune(m, r.config, cfg.sweep.space))
     if tracker is not None:
-        tracker.attach(tracker.parent_id)
-        for rec in records:
-            rec.mlflow_run_id = tracker.children.get(rec.trial_id)
-        for alias, where in tracker.register_best(records).items():
-            print(f"[mlflow] registry alias {alias}: {where}", flush=True)
+        tracker.close_trials(records)  # run ids and registry aliases; an outage only warns
     write_results(sweep_dir / "results.parquet", records, space_keys)  # restored trials too
     rep = report.build(records, dense_info)
     files = report.write(rep, records, dense_info, sweep_dir / "report", cfg.name)

@@ -18,14 +18,22 @@ Only the orchestrator talks to MLflow (workers report through Ray Train). Layout
 A callback of our own rather than Ray's MLflowLoggerCallback: a rerun must find the same parent
 and the same child per trial id (Tuner.restore), curves come from the phases' result files, and
 the subnet is logged as a model. Run lookups go through tags, so reruns never duplicate runs.
+
+An unreachable server (a restart, an outage) never stops a sweep: MLflow's client retries each
+call for about 4 minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES), so a server back by then loses
+nothing; past that, the call is a warning, every finished trial stays in results.parquet, and
+the sweep's end (or a rerun of the same command) logs each trial whose run is not complete.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import urllib.request
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +78,21 @@ def check_store(cfg: Config) -> None:
                           "sqlite:///PATH/mlflow.db or an http:// server")
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time opens a SQLite store (<db>.lock beside it): two sweeps started at
+    once on one output folder both ran MLflow's schema migration on the new file, and one
+    crashed (alembic: "expected to match one row")."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # waits; released on close
+        yield
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
@@ -104,18 +127,21 @@ class Tracker:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.cfg, self.uri = cfg, cfg.tracking_uri
         mlflow.set_tracking_uri(self.uri)  # log_model goes through the fluent API
-        self.client = MlflowClient(self.uri)
         name = cfg.mlflow.experiment or cfg.name
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            local = None if self.uri.startswith(("http://", "https://")) else str(
-                Path(cfg.output_dir).expanduser().resolve() / "mlartifacts" / name)
-            self.experiment_id = self.client.create_experiment(name, artifact_location=local)
-        else:
-            self.experiment_id = exp.experiment_id
+        with _store_lock(self.uri):  # the client creates (migrates) a new SQLite store
+            self.client = MlflowClient(self.uri)
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                local = None if self.uri.startswith(("http://", "https://")) else str(
+                    Path(cfg.output_dir).expanduser().resolve() / "mlartifacts" / name)
+                self.experiment_id = self.client.create_experiment(name,
+                                                                   artifact_location=local)
+            else:
+                self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}  # trial id -> run id
         self.dense_kind: str | None = None  # the unit of the dense model's device-hours
+        self.failed = False  # the sweep's end could not reach MLflow: the rest is skipped
 
     # -- runs ---------------------------------------------------------------------------
     def _find(self, filter_string: str) -> list:
@@ -184,7 +210,12 @@ class Tracker:
         log_metrics(self.client, run_id, values, step, stamp)
 
     def child(self, trial_id: str, params: dict[str, Any]) -> str:
-        """The run of one trial (nested under the sweep's parent), created once."""
+        """The run of one trial (nested under the sweep's parent), created once: looked up by
+        its tag first (a create whose answer an outage lost may have reached the server)."""
+        if trial_id not in self.children and self.parent_id:
+            for r in self._find(f"tags.trial_id = '{trial_id}' and "
+                                f"tags.`mlflow.parentRunId` = '{self.parent_id}'"):
+                self.children[trial_id] = r.info.run_id
         if trial_id in self.children:
             self.client.update_run(self.children[trial_id], status="RUNNING")
             return self.children[trial_id]
@@ -229,11 +260,18 @@ class Tracker:
         tags = rec.mlflow_tags()
         subnet = Path(rec.subnet_path)
         self.client.log_artifact(run_id, str(subnet / "arch.json"), "subnet")
-        if self.cfg.mlflow.log_models:
-            tags["ofb_model_uri"] = self._log_model(run_id, subnet)
+        if self.cfg.mlflow.log_models and "ofb_model_uri" not in self.client.get_run(
+                run_id).data.tags:  # a model per run, even when a rerun logs the trial again
+            self.client.set_tag(run_id, "ofb_model_uri", self._log_model(run_id, subnet))
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
         self.client.set_terminated(run_id, "FINISHED")
+
+    def complete(self, run_id: str) -> bool:
+        """Whether `log_trial` finished on this run (FINISHED, with its model when logged)."""
+        run = self.client.get_run(run_id)
+        return run.info.status == "FINISHED" and (
+            not self.cfg.mlflow.log_models or "ofb_model_uri" in run.data.tags)
 
     def _log_model(self, run_id: str, subnet: Path) -> str:
         import mlflow
@@ -292,10 +330,39 @@ class Tracker:
             pass
         return str(mlflow.register_model(uri, name, await_registration_for=60).version)
 
+    def close_trials(self, records: list[TrialRecord]) -> None:
+        """At the sweep's end: each record's run id, then the registry aliases. Unreachable,
+        MLflow is one warning (records keep the run ids known so far) and is left alone for
+        the rest of the sweep; a rerun of the same command logs what is missing."""
+        try:
+            if not self.failed:
+                self.attach(self.parent_id)
+                for rec in records:
+                    rec.mlflow_run_id = self.children.get(rec.trial_id)
+                for alias, where in self.register_best(records).items():
+                    print(f"[mlflow] registry alias {alias}: {where}", flush=True)
+        except Exception as e:  # noqa: BLE001 - any client error: the results are safe
+            self.failed = True
+            warn(f"finish the trials' runs in {self.uri}", e, self.cfg.run_dir)
+        for rec in records:
+            rec.mlflow_run_id = rec.mlflow_run_id or self.children.get(rec.trial_id)
+
     def finish_sweep(self, metrics: dict[str, float], files: list[Path]) -> None:
         assert self.parent_id is not None
-        log_to_run(self.client, self.parent_id, metrics, files, "report")
-        self.client.set_terminated(self.parent_id, "FINISHED")
+        if self.failed:
+            return
+        try:
+            log_to_run(self.client, self.parent_id, metrics, files, "report")
+            self.client.set_terminated(self.parent_id, "FINISHED")
+        except Exception as e:  # noqa: BLE001
+            warn(f"log the report to the sweep run {self.parent_id}", e, self.cfg.run_dir)
+
+
+def warn(what: str, e: Exception, run_dir: Path) -> None:
+    """One line per tracking failure: what was not logged, and how it will be."""
+    print(f"[mlflow] WARNING: could not {what} ({type(e).__name__}: {str(e)[:160]}...). Every "
+          f"finished trial is in {run_dir / 'results.parquet'}; the sweep's end, or a rerun of "
+          "the same command once the server answers, logs what is missing", flush=True)
 
 
 def log_metrics(client: Any, run_id: str, values: dict[str, Any], step: int = 0,
@@ -369,22 +436,39 @@ class TrackingCallback(Callback):
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001
-            print(f"[mlflow] WARNING: could not {what}: {type(e).__name__}: {e}", flush=True)
+            warn(what, e, self.cfg.run_dir)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
         self._safely(f"create the run of trial {trial.trial_id}", self.tracker.child,
                      trial.trial_id, dict(trial.config or {}))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
-        def log() -> None:
-            run_id = self.tracker.child(trial.trial_id, dict(trial.config or {}))
-            if result.get("phase") == "done":
-                rec = TrialRecord.from_row(result, hparam_keys=())
-                self.tracker.log_trial(run_id, rec, self.pretrain_share, self.pretrain_kind)
-            else:
-                self.tracker.log_progress(run_id, result)
+        self._safely(f"log trial {trial.trial_id}", self._log, trial, result)
 
-        self._safely(f"log trial {trial.trial_id}", log)
+    def _log(self, trial: Any, result: dict) -> None:
+        run_id = self.tracker.child(trial.trial_id, dict(trial.config or {}))
+        if result.get("phase") == "done":
+            rec = TrialRecord.from_row(result, hparam_keys=())
+            self.tracker.log_trial(run_id, rec, self.pretrain_share, self.pretrain_kind)
+        else:
+            self.tracker.log_progress(run_id, result)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        """Log each finished trial whose run an outage left incomplete (in a restored sweep,
+        those of the run before too); the first failure is one warning and ends the tracking."""
+        try:
+            for trial in trials:
+                result = trial.last_result or {}
+                if result.get("phase") != "done":
+                    continue
+                run_id = self.run_id(trial.trial_id)
+                if run_id is None or not self.tracker.complete(run_id):
+                    print(f"[mlflow] logging trial {trial.trial_id}, missed earlier", flush=True)
+                    self._log(trial, result)
+        except Exception as e:  # noqa: BLE001
+            if self._tracker is not None:
+                self._tracker.failed = True
+            warn("log the finished trials missed earlier", e, self.cfg.run_dir)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
         if (run_id := self.run_id(trial.trial_id)) is not None:
