@@ -41,6 +41,7 @@ bench: install data  ## benchmark scripts: print measured ratios (not tests)
 	$(PY) bench/realized_speed.py --threads 1 --rounds 10
 	$(PY) bench/trial_overhead.py
 	$(PY) bench/syncs.py
+	$(PY) bench/faults.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -212,7 +212,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: Config) -> int:
-    """Every phase of `pipeline`, on Ray; the process exit code."""
+    """Every phase of `pipeline`, on Ray; the process exit code. A sweep holds its folder from
+    the start, so a second sweep there is refused before it writes anything."""
+    if cfg.sweep is None:
+        return _run_phases(cfg)
+    from orchestrator.sweep import sweep_lock
+
+    with sweep_lock(cfg.run_dir):
+        return _run_phases(cfg)
+
+
+def _run_phases(cfg: Config) -> int:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))

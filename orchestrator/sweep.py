@@ -35,7 +35,8 @@ from orchestrator.phases import PretrainResult, load_cached, trial_result
 from orchestrator.records import OBJECTIVE_TOP1, TrialRecord
 from orchestrator.results import ResultsCallback, write_results
 from orchestrator.sweep_space import to_optuna
-from orchestrator.tracking import Tracker, TrackingCallback
+from orchestrator.tracking import Tracker
+from orchestrator.tracking_callback import TrackingCallback
 from orchestrator.trial_run import run_trial
 
 # The trial driver only waits on its Train runs. It asks for memory and no CPU: any CPU share

@@ -25,6 +25,13 @@ MIXER_KINDS = ("attn", "conv3", "conv1", "none")  # one registry entry each in m
 CONV_MIXERS = ("conv3", "conv1")
 
 
+def _block_at(i: int, b: Any) -> BlockArch:
+    try:
+        return BlockArch.from_dict(b)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"blocks[{i}] = {b!r} is not a valid block: {e}") from None
+
+
 @dataclass(frozen=True)
 class BlockArch:
     """Widths of one transformer block.
@@ -169,7 +176,10 @@ class ViTArch:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTArch:
         d = dict(d)
-        d["blocks"] = tuple(BlockArch.from_dict(b) for b in d["blocks"])
+        blocks = d.get("blocks")
+        if not isinstance(blocks, list | tuple) or not blocks:
+            raise ValueError(f"blocks must be a non-empty list of blocks, got {blocks!r}")
+        d["blocks"] = tuple(_block_at(i, b) for i, b in enumerate(blocks))
         if d.get("tokens") is not None:
             d["tokens"] = tuple(tuple(int(u) for u in t) for t in d["tokens"])
         return cls(**d)

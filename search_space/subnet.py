@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from search_space.arch import BlockArch, ViTArch
+from search_space.arch import ViTArch
 from search_space.mixers import build_block_
 from search_space.tokens import install_token_pruning
-from search_space.weights import check_fits, read_state_dict
+from search_space.weights import load_checked
 
 ARCH_FILE, WEIGHTS_FILE, ONNX_FILE = "arch.json", "model.safetensors", "model.onnx"
 # arch.json's format: raised when a change would make older readers misread a file; a reader
@@ -89,19 +89,11 @@ def read_arch(folder: str | Path) -> ViTArch:
 
 
 def _arch_from(d: dict, path: Path) -> ViTArch:
-    blocks = d.get("blocks")
-    if not isinstance(blocks, list) or not blocks:
-        raise ValueError(f"{path}: arch.blocks must be a non-empty list of blocks, got {blocks!r}")
-    for i, b in enumerate(blocks):
-        try:
-            BlockArch.from_dict(b)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: arch.blocks[{i}] = {b!r} is not a valid block: {e}"
-                             ) from None
     try:
         return ViTArch.from_dict(d)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: arch is not a valid architecture: {e}") from None
+    except (TypeError, ValueError, KeyError) as e:  # from_dict names the block and field
+        raise ValueError(f"{path}: arch.{e}" if str(e).startswith("blocks") else
+                         f"{path}: arch is not a valid architecture: {e}") from None
 
 
 def load_subnet(folder: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
@@ -116,9 +108,7 @@ def load_subnet(folder: str | Path, device: str | torch.device = "cpu") -> Visio
             raise FileNotFoundError(f"{folder} is not a subnet folder: {f} is missing")
     arch = read_arch(folder)
     model = build_from_arch(arch, device=device)
-    sd = read_state_dict(folder / WEIGHTS_FILE, device)
-    check_fits(model, sd, folder / WEIGHTS_FILE, arch)
-    model.load_state_dict(sd)
+    load_checked(model, folder / WEIGHTS_FILE, arch, device=device)
     return model.eval()
 
 

@@ -76,9 +76,9 @@ def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], path: str | Path,
 
 
 def load_checked(model: nn.Module, path: str | Path, arch: ViTArch | None = None,
-                 strict: bool = True) -> None:
+                 strict: bool = True, device: str | torch.device = "cpu") -> None:
     """Load a safetensors file into `model` with the errors above (strict: every tensor)."""
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, device)
     if strict:
         check_fits(model, sd, path, arch)
     model.load_state_dict(sd, strict=strict)

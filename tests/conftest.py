@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,37 +34,21 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts), once per session.
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts), once per session
+    (tests/orchestrator/faults.py `MlflowServer`, which the fault tests also kill and restart).
 
     Yields its URL. Its output goes to <tmp>/server.log, shown if it does not come up."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")  # kept open while the server runs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-             "MLFLOW_DISABLE_TELEMETRY": "true"})
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
+    from tests.orchestrator.faults import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        server.start()
+    except AssertionError as e:
+        server.kill()
+        pytest.fail(f"mlflow server did not start ({e}):\n"
+                    f"{(server.root / 'server.log').read_text()}")
+    yield server.url
+    server.kill()
 
 
 @pytest.fixture

@@ -56,10 +56,11 @@ def _registered(checkpoint: Path) -> bool:
 
 def killed_in_process(base: Path, cache: Path, what: str, hang_s: float = 150) -> Row:
     """A Train worker (search, fine-tune, export) or the trial driver (Tune's trial actor)
-    SIGKILLed during a 1-trial sweep (2 search + 2 fine-tune epochs) on the Ray this process
-    started: once epoch 1's checkpoint is registered, or (export) the moment the exported
-    subnet's checkpoint reaches storage. Resumed: the phase went on from a checkpoint. A sweep
-    that has not finished `hang_s` after the kill is stopped (SIGINT, as Ctrl-C)."""
+    SIGKILLed during a 1-trial sweep (2 search + 2 fine-tune epochs; 6 fine-tune epochs of
+    0.1 s each for a kill in the fine-tune, so that it lands before the last) on the Ray this
+    process started: once epoch 1's checkpoint is registered, or (export) the moment the
+    exported subnet's checkpoint reaches storage. Resumed: the phase went on from a checkpoint.
+    A sweep that has not finished `hang_s` after the kill is stopped (SIGINT, as Ctrl-C)."""
     import ray
 
     from orchestrator.config import load_config
@@ -68,7 +69,8 @@ def killed_in_process(base: Path, cache: Path, what: str, hang_s: float = 150) -
 
     pattern, title, after_registered, fault = KILLS[what]
     cfg = load_config(None, overrides(base, cache, what, 1, **{
-        "search.epochs": 2, "finetune.epochs": 2, "scaling.max_failures": 2}))
+        "search.epochs": 2, "finetune.epochs": 6 if what == "finetune" else 2,
+        "scaling.max_failures": 2}))
     dense = run_pretrain(cfg)
     t0, box, trials, ended = time.perf_counter(), {}, cfg.run_dir / "trials", threading.Event()
 

@@ -7,6 +7,7 @@ weights."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -75,14 +76,8 @@ def _refused(capsys, argv: list[str], pattern: str, tmp_path: Path) -> None:
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("error:") == 1, err
-    assert re_search(pattern, err), err
+    assert re.search(pattern, err, re.S), err
     assert not out_dir.exists()  # nothing written before the refusal
-
-
-def re_search(pattern: str, text: str) -> bool:
-    import re
-
-    return re.search(pattern, text, re.S) is not None
 
 
 @pytest.mark.parametrize(("overrides", "pattern"), CONFIG_CASES,
@@ -221,8 +216,10 @@ def test_a_truncated_checkpoint_file_is_named(name, pattern, tmp_path):
     p = ckpt / name
     p.write_bytes(p.read_bytes()[: max(1, p.stat().st_size // 3)])
     with pytest.raises(ValueError, match=pattern):
-        load_checkpoint(ckpt, torch.nn.Linear(4, 2), torch.optim.AdamW(model.parameters()))
-        load_method_state(ckpt)
+        if name == "method.pt":
+            load_method_state(ckpt)
+        else:
+            load_checkpoint(ckpt, torch.nn.Linear(4, 2), torch.optim.AdamW(model.parameters()))
 
 
 @pytest.mark.parametrize(("content", "pattern"), [
