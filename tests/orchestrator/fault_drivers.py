@@ -130,10 +130,12 @@ def orchestrator_killed(base: Path, cache: Path) -> list[Row]:
     first = start(args, base / "first.log")
     wait_for(lambda: list((run_dir / "trials").glob("trial-*")), 600, "a first trial",
              first.proc)
+    written = (run_dir / "config.yaml").stat().st_mtime_ns
     second = start(args, base / "second.log")
     rc2 = second.wait(600)
     refusal = [x for x in second.text().splitlines() if "in use by another sweep" in x]
-    alive = first.proc.poll() is None
+    # refused before writing anything: the first sweep's files are as it left them
+    alive = first.proc.poll() is None and (run_dir / "config.yaml").stat().st_mtime_ns == written
     t1 = time.perf_counter()
     wait_for(lambda: finished(run_dir) and len(list((run_dir / "trials").glob("trial-*"))) > 1,
              600, "one finished trial and a second one running", first.proc)
