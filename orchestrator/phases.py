@@ -20,6 +20,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from orchestrator import locks
 from orchestrator.config import Config
 from orchestrator.records import Hours, TrialRecord, unit
 from trainers.methods import get_method
@@ -166,9 +167,22 @@ def _write_atomic(folder: Path, fill) -> None:
 
 
 def run_pretrain(cfg: Config) -> PretrainResult:
-    """Train the dense model through Ray Train, or return the cached one."""
-    key = cfg.pretrain_key()
-    folder = cfg.cache_path / "dense" / key
+    """Train the dense model through Ray Train, or return the cached one. One process at a time
+    per cache entry: two sweeps that need the same dense model at once would share one Train
+    run's storage and one temporary folder, so the second waits for the first's and then
+    finds it cached."""
+    folder = cfg.cache_path / "dense" / cfg.pretrain_key()
+
+    def waiting(holder: str) -> None:
+        print(f"[pretrain] waiting: {holder} is training this dense model ({folder})",
+              flush=True)
+
+    with locks.hold(folder.with_name(folder.name + ".lock"), wait=True, on_wait=waiting):
+        return _pretrain(cfg, folder)
+
+
+def _pretrain(cfg: Config, folder: Path) -> PretrainResult:
+    key = folder.name
     if cfg.pretrain.cache and (hit := load_cached(folder)) is not None:
         print(f"[pretrain] cache hit {folder}", flush=True)
         return hit

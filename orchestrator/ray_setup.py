@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Any
 
 import ray
@@ -37,10 +38,27 @@ def job_env_vars() -> dict[str, str]:
         return {}
 
 
-def worker_env() -> dict[str, str]:
-    """What our Ray workers get: WORKER_ENV (the process's own values win) and two pass-through
-    settings, minus any key the surrounding Ray job already sets (it reaches workers anyway)."""
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(api_server: str | None = None) -> dict[str, str]:
+    """What our Ray workers get: WORKER_ENV (the process's own values win), two pass-through
+    settings and, for an embedded Ray, its state API's address, minus any key the surrounding
+    Ray job already sets (it reaches workers anyway).
+
+    Why the address: Ray Train's detached helpers (the placement-group cleaner that frees a dead
+    controller's CPUs, the state actor) ask the state API whether a controller lives, and a
+    worker finds that API from RAY_ADDRESS or else by looking for a local Ray. With two Rays on
+    one machine (two sweeps, or a sweep beside a test run) that look-up fails ("multiple active
+    Ray instances"), the cleaner's thread dies, and a killed trial driver's CPUs stay taken: its
+    restarted trial waited for them for good."""
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    if api_server is not None:
+        env["RAY_API_SERVER_ADDRESS"] = api_server
     for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TIMM_FUSED_ATTN"):
         if k in os.environ:
             env[k] = os.environ[k]
@@ -61,14 +79,16 @@ def start_ray(address: str | None = None, health_check_interval_s: float = 0.2,
     if addr is None:  # one machine: no tokens, no preemption to watch for
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    kwargs: dict[str, Any] = dict(runtime_env={"env_vars": worker_env()},
-                                  log_to_driver=True, configure_logging=True)
+    kwargs: dict[str, Any] = dict(log_to_driver=True, configure_logging=True)
     if quiet:
         kwargs["logging_level"] = "WARNING"
     if addr is None:  # "local": a `ray start` head on this machine must not be joined (G4)
+        # the dashboard's port is chosen here so that the workers can be told it (worker_env)
+        port = free_port()
         kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=True,
-                      dashboard_host="127.0.0.1")
+                      dashboard_host="127.0.0.1", dashboard_port=port,
+                      runtime_env={"env_vars": worker_env(f"http://127.0.0.1:{port}")})
     else:
-        kwargs["address"] = addr
+        kwargs.update(address=addr, runtime_env={"env_vars": worker_env()})
     ray.init(**kwargs)
     return ray.cluster_resources()

@@ -14,22 +14,19 @@ trials are kept, unfinished ones resume. The Optuna study lives in an SQLite fil
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime, timezone
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 from ray import tune
 
-from orchestrator import report
+from orchestrator import locks, report
 from orchestrator.config import ClusterShape, Config
 from orchestrator.phases import PretrainResult, load_cached, trial_result
 from orchestrator.records import OBJECTIVE_TOP1, TrialRecord
@@ -174,39 +171,20 @@ class SweepBusyError(SystemExit):
 
 
 LOCK_FILE = ".sweep.lock"
-_HELD: set[Path] = set()  # folders this process holds (the lock is reentrant)
 
 
 @contextmanager
 def sweep_lock(sweep_dir: Path) -> Iterator[None]:
     """Hold the sweep folder for this process. Two sweeps in one folder would share its Tune
-    experiment, Optuna study and results.parquet; the second is refused naming the first.
-    An flock: the kernel releases it when the holder ends, however (a SIGKILLed sweep's rerun
-    is never refused), and fds are not inherited by the processes Ray starts."""
-    if sweep_dir in _HELD:
+    experiment, Optuna study and results.parquet; the second is refused naming the first."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(locks.hold(sweep_dir / LOCK_FILE))
+        except locks.Busy as e:
+            raise SweepBusyError(
+                f"error: {sweep_dir} is in use by another sweep ({e.holder}); wait for it to "
+                "end, or give this one another name (name=...) or output_dir") from None
         yield
-        return
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    f = open(sweep_dir / LOCK_FILE, "a+")  # held until the sweep ends
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown process"
-        f.close()
-        raise SweepBusyError(
-            f"error: {sweep_dir} is in use by another sweep ({holder}); wait for it to end, or "
-            "give this one another name (name=...) or output_dir") from None
-    _HELD.add(sweep_dir)
-    try:
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\n")
-        f.flush()
-        yield
-    finally:
-        _HELD.discard(sweep_dir)
-        f.close()  # releases the lock
 
 
 def run_sweep(cfg: Config, dense: PretrainResult, resources: dict[str, float]) -> list[dict]:

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from orchestrator.ray_setup import free_port  # noqa: F401 - the tests' port picker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 FMNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+DENSE_CACHE_ENV = "OFB_TEST_DENSE_CACHE"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_dense_cache(tmp_path_factory):
+    """One dense-model cache for the session (`tiny_overrides` points at it): tests with equal
+    settings pretrain once. The cache is keyed on every setting that changes the model, and one
+    process trains an entry at a time (orchestrator/locks.py). Tests that need a cold cache
+    pass their own `cache_dir`."""
+    folder = tmp_path_factory.mktemp("dense-cache")
+    os.environ[DENSE_CACHE_ENV] = str(folder)
+    yield folder
+    os.environ.pop(DENSE_CACHE_ENV, None)
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +38,6 @@ def ray_cluster():
     resources = start_ray(address="local", num_cpus=2)
     yield resources
     ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -94,5 +102,7 @@ def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
         "pretrain.epochs": 2,
         "pretrain.warmup_epochs": 0.2,
     }
+    if os.environ.get(DENSE_CACHE_ENV):  # under pytest: the session's shared cache
+        base["cache_dir"] = os.environ[DENSE_CACHE_ENV]
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

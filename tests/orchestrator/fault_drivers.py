@@ -44,8 +44,18 @@ KILLS = {
     "export": ("trial-*/ray/*/checkpoint_*/subnet", "ray::RayTrainWorker", False,
                "a Ray Train worker SIGKILLed during the subnet export"),
     "driver": ("trial-*/ray/*/checkpoint_*/state.json", "ray::ImplicitFunc", True,
-               "the trial driver (Tune's trial actor) SIGKILLed"),
+               "the trial driver (Tune's trial actor) SIGKILLed, another Ray on the machine"),
 }
+# Kills that run beside a second Ray (a bare head): Train's clean-up of a dead driver's CPUs
+# asks the state API, which a worker once failed to find with two Rays on the machine.
+BESIDE_ANOTHER_RAY = {"driver"}
+
+
+def stop_head(head: Any) -> None:
+    """A test head stopped as its tests stop it, and the workers it leaves behind."""
+    below = descendants(head.proc.pid)
+    head.stop()
+    kill_leftovers(below)
 
 
 def _registered(checkpoint: Path) -> bool:
@@ -60,7 +70,19 @@ def killed_in_process(base: Path, cache: Path, what: str, hang_s: float = 150) -
     0.1 s each for a kill in the fine-tune, so that it lands before the last) on the Ray this
     process started: once epoch 1's checkpoint is registered, or (export) the moment the
     exported subnet's checkpoint reaches storage. Resumed: the phase went on from a checkpoint.
-    A sweep that has not finished `hang_s` after the kill is stopped (SIGINT, as Ctrl-C)."""
+    A sweep that has not finished `hang_s` after the kill is stopped (SIGINT, as Ctrl-C).
+    BESIDE_ANOTHER_RAY kills run while a second Ray head runs on the machine."""
+    from tests.orchestrator.ray_head import start_head
+
+    other = start_head(base / "other-ray.log") if what in BESIDE_ANOTHER_RAY else None
+    try:
+        return _killed_in_process(base, cache, what, hang_s)
+    finally:
+        if other is not None:
+            stop_head(other)
+
+
+def _killed_in_process(base: Path, cache: Path, what: str, hang_s: float) -> Row:
     import ray
 
     from orchestrator.config import load_config
@@ -188,10 +210,11 @@ def store_opened_at_once(base: Path, n: int = 2) -> int:
 
 def two_sweeps(base: Path, cache: Path | None = None) -> list[Row]:
     """Two `python -m orchestrator.run` at once, other names, one output folder (so one MLflow
-    store, new, and one dense cache, empty: both pretrain the same model at once), each its own
-    embedded Ray: both finish, each results.parquet and MLflow experiment holds its own trial
-    only. (`cache` is not used: a warm one would hide the first race.) First, the race on the
-    new MLflow store alone, made exact: 2 processes open one at the same instant."""
+    store, new, and one dense cache, empty: both need the same dense model at once), each its
+    own embedded Ray: both finish, the dense model is trained once (the other sweep waits for
+    it), each results.parquet and MLflow experiment holds its own trial only. (`cache` is not
+    used: a warm one would hide both races.) First, the race on the new MLflow store alone,
+    made exact: 2 processes open one at the same instant."""
     t0 = time.perf_counter()
     opened = store_opened_at_once(base)
     runs = {n: start(overrides(base, base / "cache", n, 1), base / f"{n}.log")
@@ -200,13 +223,17 @@ def two_sweeps(base: Path, cache: Path | None = None) -> list[Row]:
     outs = {n: outcome(base / "runs" / n) for n in runs}
     mixed = sum(len(set(o.parquet) - o.finished) + len(set(o.mlflow) - o.finished)
                 for o in outs.values())
+    logs = [r.text() for r in runs.values()]
+    trained = sum(t.count("[pretrain] training dense") for t in logs)
+    waited = sum("[pretrain] waiting: pid" in t and "[pretrain] cache hit" in t for t in logs)
     row = Row("two sweeps at once (other names)", f"a new MLflow store opened by 2 processes "
-              f"at once: {opened}/2 ok; the sweeps' exit codes {codes}; {mixed} row(s) of the "
+              f"at once: {opened}/2 ok; the dense model trained {trained} time(s), {waited} "
+              f"sweep(s) waited for it; the sweeps' exit codes {codes}; {mixed} row(s) of the "
               "other sweep", "n.a.", "; ".join(f"{n}: {o.text()}" for n, o in outs.items()),
               sum(o.lost for o in outs.values()), sum(o.duplicates for o in outs.values()),
               time.perf_counter() - t0)
     row.ok = (opened == 2 and set(codes.values()) == {0} and not mixed and not row.lost
-              and not row.duplicates)
+              and not row.duplicates and trained == 1 and waited == 1)
     return [row]
 
 
@@ -364,11 +391,6 @@ def head_restarted(base: Path, cache: Path) -> list[Row]:
             "schedule.cron": "0 * * * *", "schedule.address": head.url}))))
         return schedule.main(["--config", str(f), "--now", now])
 
-    def stop(head: Any) -> None:  # as its tests stop it, and the workers it leaves behind
-        below = descendants(head.proc.pid)
-        head.stop()
-        kill_leftovers(below)
-
     t0 = time.perf_counter()
     try:
         head = start_head(base / "head1.log")
@@ -377,14 +399,14 @@ def head_restarted(base: Path, cache: Path) -> list[Row]:
             sid = ledger.read(SLOT)["attempts"][-1]["submission_id"]
             status = head.wait(sid, 900)
         finally:
-            stop(head)
+            stop_head(head)
         head = start_head(base / "head2.log")
         try:
             call(head, "2026-11-24T10:20Z")
             jobs = [j.submission_id for j in head.client().list_jobs()
                     if (j.submission_id or "").startswith("ofb-")]
         finally:
-            stop(head)
+            stop_head(head)
     finally:
         os.environ.update(saved)
     attempts = ledger.read(SLOT)["attempts"]

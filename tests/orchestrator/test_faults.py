@@ -1,8 +1,8 @@
 """The fault table's rows that no other test covers (bench/faults.py prints the whole table):
 a Train worker killed during the subnet export, the trial driver killed, the orchestrator
-SIGKILLed mid-sweep and rerun, a second sweep in the same folder, two processes opening one new
-MLflow store at once, the MLflow server down until a sweep has ended, a full disk under a
-checkpoint, the Ray head restarted between two schedule calls. Each test runs the bench's own
+SIGKILLed mid-sweep and rerun, a second sweep in the same folder, two sweeps at once in one
+output folder, the MLflow server down for a while or until a sweep has ended, a full disk under
+a checkpoint, the Ray head restarted between two schedule calls. Each test runs the bench's own
 driver (fault_drivers.py) on a real Ray, real data, a real MLflow server; each fault must be
 survived or refused clearly, with nothing lost. (A worker killed in the search or the fine-tune:
 test_search_ray.py, test_trial_run.py.)
@@ -46,9 +46,18 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
     assert row.intact.startswith("previous checkpoint loads, epoch 0, same weights")
 
 
-def test_two_processes_open_one_new_mlflow_store_at_once(tmp_path):
-    """Two sweeps started at once on one output folder (fault 8a: the bench runs them whole)."""
-    assert faults.store_opened_at_once(tmp_path) == 2
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_sweeps_at_once_train_the_dense_model_once_and_keep_their_own_trials(
+        tmp_path, fmnist_dir):
+    """Two sweeps started at once on one output folder: one new MLflow store, one empty dense
+    cache (fault 8a)."""
+    [row] = faults.two_sweeps(tmp_path)
+    check(row, "n.a.")
+    assert "opened by 2 processes at once: 2/2 ok" in row.happened
+    assert "dense model trained 1 time(s), 1 sweep(s) waited for it" in row.happened
+    assert row.intact == ("alpha: parquet 1/1, MLflow 1/1, subnets 1/1; "
+                          "beta: parquet 1/1, MLflow 1/1, subnets 1/1")
 
 
 @pytest.mark.ray
@@ -60,6 +69,15 @@ def test_a_sigkilled_sweep_resumes_and_a_second_one_in_its_folder_is_refused(
     assert killed.intact == "parquet 2/2, MLflow 2/2, subnets 2/2"
     check(busy, "n.a.")
     assert "is in use by another sweep" in busy.happened and "kept running" in busy.intact
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_short_mlflow_outage_is_covered_by_the_clients_retries(tmp_path, fmnist_dir, cache):
+    [row] = faults.mlflow_killed(tmp_path, cache, "short")
+    check(row, "n.a.")
+    assert "sweep exited 0, 0 tracking warning(s)" in row.happened
+    assert row.intact == "parquet 2/2, MLflow 2/2, subnets 2/2"
 
 
 @pytest.mark.ray

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.ray
 
 def test_pretrain_checkpoints_resumes_after_kill_and_caches(ray_cluster, tmp_path, fmnist_dir):
     cfg = load_config(None, tiny_overrides(tmp_path, **{
-        "pretrain.epochs": 5, "data.max_train_samples": 1280, "scaling.max_failures": 2}))
+        "cache_dir": str(tmp_path / "cache"), "pretrain.epochs": 5,
+        "data.max_train_samples": 1280, "scaling.max_failures": 2}))
     run_dir = cfg.cache_path / "ray" / f"pretrain-{cfg.pretrain_key()}"
     res = run_and_kill_after_checkpoint(lambda: run_pretrain(cfg), run_dir)
     m = res.metrics
