@@ -9,9 +9,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import ray
+
+from orchestrator import locks
 
 # Environment every Ray worker of ours gets: no hub look-ups (offline machines), and worker
 # prints once (Train V2's print patch tees them to the logger too, so each line came twice).
@@ -38,11 +43,26 @@ def job_env_vars() -> dict[str, str]:
         return {}
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now (the OS's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DASHBOARD_PORT = 8265  # Ray's default, kept for an embedded Ray while it is free
+START_LOCK = Path(tempfile.gettempdir()) / "ofb-orchestrator-ray-start.lock"
+_dashboard: dict[str, str] = {}  # "url" of the dashboard this process started or joined
+
+
+def free_port(prefer: int = 0) -> int:
+    """A TCP port free on loopback now: `prefer` if it is, else the OS's pick."""
+    for port in (prefer, 0) if prefer else (0,):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard's address once `start_ray` ran (None if Ray did not say)."""
+    return _dashboard.get("url")
 
 
 def worker_env(api_server: str | None = None) -> dict[str, str]:
@@ -66,6 +86,17 @@ def worker_env(api_server: str | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in job}
 
 
+def _one_start_at_a_time() -> AbstractContextManager:
+    """An flock that our processes on this machine take from choosing an embedded Ray's ports
+    until Ray has bound them (seen: two sweeps started at once both asked for 8265, and the
+    second's Ray failed to start). Another user's lock file is not waited for."""
+    try:
+        open(START_LOCK, "a").close()
+    except OSError:
+        return nullcontext()
+    return locks.hold(START_LOCK, wait=True)
+
+
 def start_ray(address: str | None = None, health_check_interval_s: float = 0.2,
               num_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
     """Start or join Ray once per process; returns the cluster's total resources."""
@@ -83,12 +114,15 @@ def start_ray(address: str | None = None, health_check_interval_s: float = 0.2,
     if quiet:
         kwargs["logging_level"] = "WARNING"
     if addr is None:  # "local": a `ray start` head on this machine must not be joined (G4)
-        # the dashboard's port is chosen here so that the workers can be told it (worker_env)
-        port = free_port()
-        kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=True,
-                      dashboard_host="127.0.0.1", dashboard_port=port,
-                      runtime_env={"env_vars": worker_env(f"http://127.0.0.1:{port}")})
+        # the dashboard's port is chosen here so that the workers can be told it (worker_env);
+        # one start at a time, or two sweeps started together both pick a port free at the time
+        with _one_start_at_a_time():
+            port = free_port(prefer=DASHBOARD_PORT)
+            ctx = ray.init(**kwargs, address="local", num_cpus=num_cpus, include_dashboard=True,
+                           dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={
+                               "env_vars": worker_env(f"http://127.0.0.1:{port}")})
     else:
-        kwargs.update(address=addr, runtime_env={"env_vars": worker_env()})
-    ray.init(**kwargs)
+        ctx = ray.init(**kwargs, address=addr, runtime_env={"env_vars": worker_env()})
+    if url := getattr(ctx, "dashboard_url", None):
+        _dashboard["url"] = url if "://" in url else f"http://{url}"
     return ray.cluster_resources()

@@ -228,12 +228,13 @@ def _run_phases(cfg: Config) -> int:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
     from orchestrator.phases import run_pretrain, trial_result
-    from orchestrator.ray_setup import start_ray
+    from orchestrator.ray_setup import dashboard_url, start_ray
     from orchestrator.trial_run import run_trial
 
     resources = start_ray(cfg.ray.address, cfg.ray.health_check_interval_s)
+    board = f", dashboard {url}" if (url := dashboard_url()) else ""
     print(f"[run] Ray resources: {resources.get('CPU', 0):g} CPU, "
-          f"{resources.get('GPU', 0):g} GPU; outputs in {run_dir}", flush=True)
+          f"{resources.get('GPU', 0):g} GPU{board}; outputs in {run_dir}", flush=True)
     dense = run_pretrain(cfg)
     summary: dict = {"pretrain": dense.summary()}
     if cfg.sweep is not None:
