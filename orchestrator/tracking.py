@@ -27,16 +27,15 @@ the sweep's end (or a rerun of the same command) logs each trial whose run is no
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import urllib.request
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from orchestrator import locks
 from orchestrator.config import Config, ConfigError
 from orchestrator.records import DEFAULT_KIND, TrialRecord, as_record, hours_name, rank_key
 from orchestrator.schedules.driver import schedule_tags
@@ -76,19 +75,14 @@ def check_store(cfg: Config) -> None:
                           "sqlite:///PATH/mlflow.db or an http:// server")
 
 
-@contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
+def _store_lock(uri: str) -> AbstractContextManager:
     """One process at a time opens a SQLite store (<db>.lock beside it): two sweeps started at
     once on one output folder both ran MLflow's schema migration on the new file, and one
     crashed (alembic: "expected to match one row")."""
     if not uri.startswith("sqlite:///"):
-        yield
-        return
+        return nullcontext()
     db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # waits; released on close
-        yield
+    return locks.hold(db.with_name(db.name + ".lock"), wait=True)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
